@@ -1,0 +1,21 @@
+"""What a model run yields, in one shape for every task, so rules need not know the task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Detection:
+    """One finding: a detected object, a top-k class, or an anomaly score (label ``"anomaly"``).
+
+    ``box`` is ``(x1, y1, x2, y2)`` in coordinates of the original frame scaled to 0..1, or None
+    for results that have no location (classification, telemetry).
+    """
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"label": self.label, "score": round(self.score, 4), "box": None if self.box is None else [round(v, 4) for v in self.box]}
