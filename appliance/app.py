@@ -1,0 +1,262 @@
+"""Assembles the daemon's components, starts them in order and stops them in reverse.
+
+Nothing here does the work itself: ingest, the worker supervisor, the pipeline, events and the HTTP
+server each own one job; this module wires them and supervises their timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+
+from appliance import __version__
+from appliance.broker import EmbeddedBroker
+from appliance.errors import ApplianceError
+from appliance.events import EventSink
+from appliance.http.server import build_app
+from appliance.ingest.client import MqttClient, ReceiveMessage
+from appliance.ingest.ingest import Frame, Ingest
+from appliance.ingest.slots import LatestSlots
+from appliance.metrics import Metrics
+from appliance.pipeline import Pipeline
+from appliance.runtime.messages import WorkerConfig
+from appliance.runtime.supervisor import WorkerSupervisor
+from appliance.settings import Settings
+from appliance.stats import Stats
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
+SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        s = settings
+        self.started = time.time()
+        self.store: Store | None = None
+        self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
+        self.stats = Stats(s.ingest.source_silent_s)
+        self.worker = WorkerSupervisor(
+            WorkerConfig(partition="cpu", intra_op_threads=s.runtime.intra_op_threads,
+                         max_image_pixels=s.ingest.max_image_pixels),
+            s.runtime, on_change=self._wake)
+        self.metrics = Metrics(self.stats, lambda: [(self.worker.config.partition, self.worker.state,
+                                                     self.worker.restarts)])
+        base = f"{s.topics.appliance}/{s.device_id}"
+        self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
+        self.mqtt = MqttClient(s.broker, client_id=f"appliance-{s.device_id}",
+                               will=(self.status_topic, self._status_payload("offline")),
+                               on_connection_change=self._on_connection)
+        self.slots: LatestSlots[Frame] = LatestSlots()
+        self.events: EventSink | None = None
+        self.pipeline: Pipeline | None = None
+        self.ingest: Ingest | None = None
+        self._http: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._generation = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _wake(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.wake()
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "device": self.settings.device_id, "version": __version__,
+                           "ts": time.time()}).encode()
+
+    def _on_connection(self, up: bool) -> None:  # on the MQTT thread
+        if up:
+            self.mqtt.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
+
+    def _on_command(self, msg: ReceiveMessage) -> None:  # on the MQTT thread
+        try:
+            cmd = json.loads(msg.payload).get("cmd")
+        except (ValueError, AttributeError):
+            cmd = None
+        if cmd == "reload" and self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._reload(force=True)))
+        elif cmd == "status":
+            self._on_connection(True)
+        else:
+            log.warning("ignored command on %s: %r (known: reload, status)", msg.topic, msg.payload[:100])
+
+    # lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(s.db_path)
+        sock = self._bind_http()
+        if self.broker is not None:
+            self.broker.start()
+        self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1))
+        self.pipeline = Pipeline(self.slots, self.worker, self.events, self.stats, self.metrics)
+        self.ingest = Ingest(self.mqtt, s, self.stats, self.slots, self.pipeline.accepts, self.pipeline.wake_threadsafe)
+        await self.worker.start()
+        await self.pipeline.start()
+        await self._reload()
+        self.ingest.start()
+        self.mqtt.subscribe(self.commands_topic, self._on_command)
+        self.mqtt.start()
+        app = build_app(self.status, self.metrics, self.healthy)
+        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._tasks = [
+            asyncio.create_task(self._http.serve(sockets=[sock]), name="http"),
+            self._every(CONFIG_POLL_S, self._reload, "config-watch"),
+            self._every(s.retention.prune_interval_s, self._prune, "retention"),
+            self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
+        ]
+        log.info("appliance %s up: device %s, broker %s %s:%s, HTTP http://%s:%s, state in %s", __version__,
+                 s.device_id, s.broker.mode, s.broker.host, s.broker.port, s.http.host, sock.getsockname()[1],
+                 s.state_dir.resolve())
+
+    def _bind_http(self) -> socket.socket:
+        h = self.settings.http
+        family = socket.AF_INET6 if ":" in h.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((h.host, h.port))
+        except OSError as e:
+            sock.close()
+            raise ApplianceError(f"cannot serve HTTP on {h.host}:{h.port}: {e.strerror}; is another daemon running? "
+                                 "Stop it or set http.port") from e
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    def _every(self, period: float, fn: Callable[[], Awaitable[object]], name: str) -> asyncio.Task[None]:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await fn()
+                except Exception:  # a failing timer is logged and tried again next period
+                    log.exception("periodic task %s failed", name)
+
+        return asyncio.create_task(loop(), name=name)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+        for task in self._tasks:
+            if task.get_name() != "http":
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+        await self.worker.stop()
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.mqtt.stop, (self.status_topic, self._status_payload("offline")))
+        if self.broker is not None:
+            self.broker.stop()
+        await self._flush_sources()
+        if self.store is not None:
+            self.store.close()
+        log.info("appliance stopped")
+
+    # timers
+
+    async def _reload(self, force: bool = False) -> None:
+        store, pipeline = self.store, self.pipeline
+        assert store is not None and pipeline is not None
+        loop = asyncio.get_running_loop()
+        generation = await loop.run_in_executor(None, store.config_generation)
+        if generation == self._generation and not force:
+            return
+        apps, models = await loop.run_in_executor(None, lambda: (store.list_apps(), store.list_models()))
+        self._generation = generation
+        pipeline.reload(apps, models)
+
+    async def _prune(self) -> None:
+        if self.events is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.events.prune)
+
+    async def _flush_sources(self) -> None:
+        if self.store is None:
+            return
+        rows = [(str(s["id"]), str(s["kind"]), float(s["last_seen"]))  # type: ignore[arg-type]
+                for s in self.stats.snapshot() if s["last_seen"]]
+        if rows:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.touch_sources, rows)
+
+    # status
+
+    def healthy(self) -> tuple[bool, str]:
+        problems = []
+        if self.broker is not None and not self.broker.running:
+            problems.append("embedded broker is down")
+        if not self.mqtt.connected:
+            problems.append(f"not connected to the MQTT broker at {self.settings.broker.host}:{self.settings.broker.port}")
+        if self.worker.state != "ready":
+            problems.append(f"worker {self.worker.config.partition} is {self.worker.state}")
+        return (not problems, "; ".join(problems))
+
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        ok, reason = self.healthy()
+        sources = self.stats.snapshot()
+        last = self.pipeline.last_results if self.pipeline else {}
+        for src in sources:
+            r = last.get(str(src["id"]))
+            src["last_result"] = None if r is None else {
+                "ts": r.ts, "app": r.app, "detections": [d.to_json() for d in r.detections[:5]]}
+        unknown_totals, unknown = self.stats.unknown_snapshot()
+        w = self.worker
+        return {
+            "device": s.device_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "health": {"ok": ok, "reason": reason},
+            "broker": {"mode": s.broker.mode, "host": s.broker.host, "port": s.broker.port,
+                       "protocol": s.broker.mqtt_version, "connected": self.mqtt.connected},
+            "workers": [{"partition": w.config.partition, "state": w.state, "pid": w.pid, "restarts": w.restarts,
+                         "last_restart_reason": w.last_restart_reason, "inflight": s.runtime.max_inflight - w.capacity()
+                         if w.state == "ready" else 0}],
+            "models": [{"key": k, "state": m.state, "reason": m.reason, "providers": list(m.providers),
+                        "partition": w.config.partition} for k, m in sorted(w.models.items())],
+            "apps": self.pipeline.app_states() if self.pipeline else [],
+            "sources": sources,
+            "unknown_sources": {"rejected": unknown_totals, "recent": unknown},
+            "events": self.stats.events_snapshot(),
+        }
+
+
+async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None) -> None:
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop()
+        raise
+    if ready is not None:
+        ready(daemon)
+    await stop.wait()
+    log.info("stopping")
+    await daemon.stop()
+
+
+def run(settings: Settings, ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run the daemon until SIGINT or SIGTERM."""
+    asyncio.run(_serve(settings, ready))

@@ -1,0 +1,226 @@
+"""``appliance``: run the daemon and manage what it serves. A thin adapter over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, DaemonUnreachable
+from appliance.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("APPLIANCE_CONFIG")
+    return load_settings(Path(path) if path else None)
+
+
+def _store(settings: Settings) -> Any:
+    from appliance.store import Store
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return Store(settings.db_path)
+
+
+def _fetch_status(settings: Settings) -> dict[str, Any]:
+    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "") else settings.http.host
+    url = f"http://{host}:{settings.http.port}/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            result: dict[str, Any] = json.load(r)
+            return result
+    except (urllib.error.URLError, OSError) as e:
+        raise DaemonUnreachable(f"the daemon is not answering at {url} ({getattr(e, 'reason', e)}); "
+                                "start it with `appliance run` (or check http.host/http.port)") from e
+
+
+def _time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.app import run
+    from appliance.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    run(settings)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from appliance import packages
+
+    settings = _settings(args)
+    with _store(settings) as store:
+        if args.action == "add":
+            m = packages.install_model(store, settings.models_dir, Path(args.path))
+            print(f"installed model {m.name} {m.version} ({m.task}, sha256 {m.sha256[:12]})")
+        elif args.action == "remove":
+            packages.remove_model(store, args.name, args.version)
+            print(f"removed model {args.name} {args.version}")
+        else:
+            rows = store.list_models()
+            if not rows:
+                print("no models installed; add one with: appliance models add <folder>")
+            for m in rows:
+                print(f"{m.name:<24} {m.version:<10} {m.task:<15} {m.size_bytes / 1e6:7.2f} MB  sha256 {m.sha256[:12]}  "
+                      f"installed {_time(m.installed_at)}")
+    return 0
+
+
+def cmd_apps(args: argparse.Namespace) -> int:
+    from appliance import packages
+
+    settings = _settings(args)
+    with _store(settings) as store:
+        if args.action == "add":
+            a = packages.install_app(store, Path(args.path))
+            print(f"installed app {a.name} {a.version} (model {a.model_name} {a.model_version})")
+        elif args.action == "remove":
+            store.remove_app(args.name)
+            store.audit("cli", "app.remove", {"app": args.name})
+            print(f"removed app {args.name}")
+        elif args.action in ("enable", "disable"):
+            store.set_app_enabled(args.name, args.action == "enable")
+            store.audit("cli", f"app.{args.action}", {"app": args.name})
+            print(f"app {args.name} {args.action}d")
+        else:
+            rows = store.list_apps()
+            if not rows:
+                print("no apps installed; add one with: appliance apps add <app.json>")
+            for a in rows:
+                sources = ", ".join(json.loads(a.manifest_json)["sources"])
+                print(f"{a.name:<20} {a.version:<10} model {a.model_name} {a.model_version:<8} "
+                      f"{'enabled ' if a.enabled else 'disabled'}  sources {sources}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _store(settings) as store:
+        events = store.recent_events(limit=args.limit, app=args.app, source=args.source)
+    if args.json:
+        print(json.dumps([{"id": e.id, "ts": e.ts, "app": e.app, "source": e.source, "rule": e.rule,
+                           "label": e.label, "score": e.score, "box": e.box,
+                           "snapshot": e.snapshot} for e in events], indent=2))
+        return 0
+    if not events:
+        print("no events yet")
+    for e in events:
+        snap = str(settings.state_dir / e.snapshot) if e.snapshot else "-"
+        print(f"{_time(e.ts)}  {e.app:<16} {e.source:<10} {e.rule:<16} {e.label:<10} {e.score:5.2f}  {snap}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _fetch_status(_settings(args))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    health = "OK" if st["health"]["ok"] else f"DEGRADED: {st['health']['reason']}"
+    b = st["broker"]
+    print(f"device {st['device']}  version {st['version']}  up {st['uptime_s']:.0f} s  health {health}")
+    print(f"broker {b['mode']} {b['host']}:{b['port']} MQTT {b['protocol']}  "
+          f"{'connected' if b['connected'] else 'NOT CONNECTED'}")
+    for w in st["workers"]:
+        extra = f"  last restart: {w['last_restart_reason']}" if w["restarts"] else ""
+        print(f"worker {w['partition']}: {w['state']}  pid {w['pid']}  restarts {w['restarts']}{extra}")
+    print("\nmodels:")
+    for m in st["models"] or [{"key": "(none loaded)", "state": "", "reason": "", "providers": []}]:
+        print(f"  {m['key']:<30} {m['state']:<12} {','.join(m['providers'])} {m['reason']}")
+    print("\napps:")
+    for a in st["apps"] or [{"name": "(none)", "version": "", "model": "", "state": "", "reason": "", "events": 0}]:
+        print(f"  {a['name']:<20} {a['version']:<8} {a['model']:<28} {a['state']:<9} events {a['events']} {a['reason']}")
+    print("\nsources:              fps rx/done/skip   received  processed  skipped  rejected")
+    for s in st["sources"]:
+        rejected = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "0"
+        print(f"  {s['kind']:<6} {s['id']:<12} {s['fps_received']:5.1f}/{s['fps_processed']:5.1f}/{s['fps_skipped']:5.1f}"
+              f"  {s['received']:9d}  {s['processed']:9d}  {s['skipped']:7d}  {rejected}")
+        if s["state"] != "receiving":
+            print(f"         {s['state']}: {s['reason']}")
+    unknown = st["unknown_sources"]
+    if unknown["recent"]:
+        names = ", ".join(u["id"] for u in unknown["recent"][-10:])
+        print(f"\nrejected messages from sources no app listens to: {sum(unknown['rejected'].values())} ({names})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance.demo.run import run_demo
+
+    return run_demo(_settings(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="Edge AI appliance daemon and tools.")
+    p.add_argument("--config", "-c", help="settings file (TOML); also APPLIANCE_CONFIG")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="install, list and remove model packages")
+    msub = models.add_subparsers(dest="action", required=True)
+    madd = msub.add_parser("add", help="install a model package (a folder with model.onnx and model.json)")
+    madd.add_argument("path")
+    msub.add_parser("list", help="list installed models")
+    mrm = msub.add_parser("remove", help="remove a model no app uses")
+    mrm.add_argument("name")
+    mrm.add_argument("version")
+    models.set_defaults(func=cmd_models)
+
+    apps = sub.add_parser("apps", help="install, list, enable, disable and remove apps")
+    asub = apps.add_subparsers(dest="action", required=True)
+    aadd = asub.add_parser("add", help="install an app (app.json, or a folder holding it)")
+    aadd.add_argument("path")
+    asub.add_parser("list", help="list installed apps")
+    for action in ("remove", "enable", "disable"):
+        a = asub.add_parser(action, help=f"{action} an app")
+        a.add_argument("name")
+    apps.set_defaults(func=cmd_apps)
+
+    ev = sub.add_parser("events", help="show recent events")
+    ev.add_argument("--limit", "-n", type=int, default=20)
+    ev.add_argument("--app")
+    ev.add_argument("--source")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_events)
+
+    st = sub.add_parser("status", help="sources, rates, models and worker state of the running daemon")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="run the daemon with demo models, simulated cameras and a gas sensor")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ApplianceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # translated at the boundary: the user sees what failed, not a traceback
+        from formats import FormatError
+        from appliance.store import StoreError
+
+        if isinstance(e, (StoreError, FormatError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

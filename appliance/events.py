@@ -1,0 +1,101 @@
+"""Events out: a snapshot on disk, a row in the store, a JSON message on MQTT; and their retention.
+
+Snapshots are written under a temporary name and renamed into place. Retention removes events older
+than ``retention.max_age_days`` and then the oldest until the snapshots fit in
+``retention.max_snapshot_bytes``, so an unattended box never fills its disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.ingest.ingest import Frame
+from appliance.rules import Firing, draw_snapshot, render_telemetry_card
+from appliance.runtime.results import Detection
+from appliance.settings import Settings
+from appliance.store import EventRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def event_json(event: EventRecord, device: str) -> bytes:
+    return json.dumps({
+        "id": event.id,
+        "device": device,
+        "app": event.app,
+        "source": event.source,
+        "rule": event.rule,
+        "label": event.label,
+        "score": round(event.score, 4),
+        "box": event.box,
+        "ts": event.ts,
+        "snapshot": event.snapshot,
+    }).encode()
+
+
+class EventSink:
+    def __init__(self, store: Store, settings: Settings, publish: Callable[[str, bytes], object]) -> None:
+        self._store = store
+        self._settings = settings
+        self._publish = publish
+        self._topic = f"{settings.topics.appliance}/{settings.device_id}/events"
+
+    async def emit(self, firing: Firing, frame: Frame, detections: list[Detection]) -> EventRecord:
+        loop = asyncio.get_running_loop()
+        event_id = uuid.uuid4().hex
+        day = datetime.fromtimestamp(firing.ts, UTC).strftime("%Y-%m-%d")
+        rel = f"snapshots/{day}/{event_id}.jpg"
+        snapshot = await loop.run_in_executor(None, self._render, frame, detections, firing)
+        size = 0
+        if snapshot is not None:
+            await loop.run_in_executor(None, write_atomically, self._settings.state_dir / rel, snapshot)
+            size = len(snapshot)
+        d = firing.detection
+        event = EventRecord(
+            id=event_id, ts=firing.ts, app=firing.app, source=firing.source, rule=firing.rule, label=d.label,
+            score=d.score, box=d.box, snapshot=rel if snapshot else None,
+            snapshot_bytes=size, created=time.time())
+        await loop.run_in_executor(None, self._store.add_event, event)
+        self._publish(self._topic, event_json(event, self._settings.device_id))
+        log.info("event %s: app %s rule %s on %s: %s %.2f", event_id[:8], firing.app, firing.rule, firing.source,
+                 d.label, d.score)
+        return event
+
+    def _render(self, frame: Frame, detections: list[Detection], firing: Firing) -> bytes | None:
+        try:
+            if frame.kind == "camera":
+                return draw_snapshot(frame.data, detections, highlight=firing.detection)
+            return render_telemetry_card(frame.source, frame.values or {}, firing.detection, firing.ts)
+        except (ValueError, OSError) as e:
+            log.warning("event on %s has no snapshot: %s", frame.source, e)
+            return None
+
+    def prune(self) -> int:
+        """Apply retention; returns how many events were removed. Blocking: run it in an executor."""
+        r = self._settings.retention
+        removed = self._store.prune_events(time.time() - r.max_age_days * 86400, r.max_snapshot_bytes)
+        for event in removed:
+            if event.snapshot:
+                try:
+                    (self._settings.state_dir / event.snapshot).unlink()
+                except FileNotFoundError:
+                    pass
+        if removed:
+            log.info("retention: removed %d old events and their snapshots", len(removed))
+        return len(removed)

@@ -1,0 +1,174 @@
+"""MQTT in: camera frames and sensor telemetry, checked cheaply and put into latest-wins slots.
+
+Runs on the MQTT client's network thread and does only bounded work there (topic parsing, size and
+format checks, JSON for telemetry); decoding happens in the partition worker. A message that is
+refused is counted with its reason and logged with its source; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.ingest.client import MqttClient, ReceiveMessage
+from appliance.ingest.slots import LatestSlots
+from appliance.logs import ThrottledLog
+from appliance.runtime.processing import sniff_image
+from appliance.settings import Settings
+from appliance.stats import SourceKind, Stats
+
+log = logging.getLogger(__name__)
+
+SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(slots=True, frozen=True)
+class Frame:
+    source: str
+    kind: SourceKind
+    topic: str
+    arrived: float  # epoch seconds
+    captured: float  # epoch seconds: the publisher's capture time, else arrival
+    data: bytes = b""  # camera: encoded image
+    values: dict[str, float] | None = None  # sensor: channel -> value
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB"
+
+
+def parse_telemetry(payload: bytes, limit: int) -> tuple[float | None, dict[str, float]]:
+    """``{"ts": 1732000000.5, "values": {"ch4": 0.8}}`` -> (ts, values); raises Rejected."""
+    if len(payload) > limit:
+        raise Rejected("too_large", f"telemetry is {len(payload)} bytes, the limit is {limit} (ingest.max_telemetry_bytes)")
+
+    def no_constants(name: str) -> float:
+        raise Rejected("bad_value", f"telemetry contains {name}; send finite numbers only")
+
+    try:
+        doc = json.loads(payload, parse_constant=no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Rejected("bad_json", f"telemetry is not valid JSON ({e}); expected {{\"ts\": ..., \"values\": {{...}}}}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict) or not doc["values"]:
+        raise Rejected("bad_json", 'telemetry must be an object with a non-empty "values" object, '
+                                   'e.g. {"ts": 1732000000.5, "values": {"ch4": 0.8}}')
+    values: dict[str, float] = {}
+    for name, value in doc["values"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Rejected("bad_value", f"channel {name!r} has {value!r}; values must be numbers")
+        if not math.isfinite(value):
+            raise Rejected("bad_value", f"channel {name!r} is {value}; values must be finite")
+        values[str(name)] = float(value)
+    ts = doc.get("ts")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
+        raise Rejected("bad_value", f'"ts" is {ts!r}; it must be epoch seconds')
+    return (float(ts) if ts is not None else None), values
+
+
+class Ingest:
+    def __init__(
+        self,
+        client: MqttClient,
+        settings: Settings,
+        stats: Stats,
+        slots: LatestSlots[Frame],
+        accepts: Callable[[str], bool],
+        wake: Callable[[], None],
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._stats = stats
+        self._accepts = accepts  # does an enabled app listen to this topic?
+        self._wake = wake
+        self.slots = slots
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._log = ThrottledLog(log)
+
+    def start(self) -> None:
+        t = self._settings.topics
+        self._unsubscribe = [
+            self._client.subscribe(f"{t.cameras}/+/frame", self._on_frame),
+            self._client.subscribe(f"{t.sensors}/+/telemetry", self._on_telemetry),
+        ]
+
+    def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+    def reject(self, source: str, kind: SourceKind, reason: str, detail: str) -> None:
+        self._stats.rejected(source, kind, reason, detail)
+        self._log.warning((source, reason), "%s %s rejected (%s): %s", kind, source, reason, detail)
+
+    def _source(self, msg: ReceiveMessage, kind: SourceKind) -> str | None:
+        source = msg.topic.split("/")[1]
+        if not SOURCE_ID.match(source):
+            self._stats.unknown_source("(invalid)", "bad_source_id", msg.received)
+            self._log.warning(("(invalid)", "bad_source_id"), "%s topic %r rejected: the source id must be 1-64 of "
+                              "A-Z a-z 0-9 _ . - starting with a letter or digit", kind, msg.topic)
+            return None
+        if not self._accepts(msg.topic):
+            if self._stats.unknown_source(source, "unknown_source", msg.received):
+                log.warning("%s %s rejected (unknown_source): no enabled app listens to %s; install or enable an "
+                            "app whose sources match it", kind, source, msg.topic)
+            return None
+        self._stats.received(source, kind, msg.received)
+        return source
+
+    def _put(self, frame: Frame, capacity: int) -> None:
+        dropped = self.slots.put(frame.source, frame, capacity)
+        if dropped is not None:
+            self._stats.skipped(frame.source, frame.kind)
+        self._wake()
+
+    def _on_frame(self, msg: ReceiveMessage) -> None:
+        source = self._source(msg, "camera")
+        if source is None:
+            return
+        limit = self._settings.ingest.max_frame_bytes
+        if len(msg.payload) > limit:
+            self.reject(source, "camera", "too_large",
+                        f"frame is {_mb(len(msg.payload))}, the limit is {_mb(limit)} (ingest.max_frame_bytes)")
+            return
+        if sniff_image(msg.payload) is None:
+            head = msg.payload[:8].hex(" ") or "empty"
+            self.reject(source, "camera", "not_an_image",
+                        f"payload ({len(msg.payload)} bytes, starts {head}) is not a JPEG or PNG image; "
+                        "publish one encoded image per message")
+            return
+        captured = msg.received
+        ts = msg.user_properties.get("ts")
+        if ts is not None:
+            try:
+                value = float(ts)
+                if math.isfinite(value):
+                    captured = value
+            except ValueError:
+                pass
+        self._put(Frame(source, "camera", msg.topic, msg.received, captured, data=msg.payload), 1)
+
+    def _on_telemetry(self, msg: ReceiveMessage) -> None:
+        source = self._source(msg, "sensor")
+        if source is None:
+            return
+        try:
+            ts, values = parse_telemetry(msg.payload, self._settings.ingest.max_telemetry_bytes)
+        except Rejected as e:
+            self.reject(source, "sensor", e.reason, e.detail)
+            return
+        self._stats.values(source, values)
+        self._put(Frame(source, "sensor", msg.topic, msg.received, ts or msg.received, values=values),
+                  self._settings.ingest.telemetry_queue)
+
+

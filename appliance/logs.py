@@ -1,0 +1,36 @@
+"""Logging helpers: one setup for the daemon, and a throttle so a flood of bad input cannot flood the log."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Hashable
+
+THROTTLE_S = 60.0  # the same (source, reason) is logged at most once per this many seconds
+
+
+class ThrottledLog:
+    def __init__(self, logger: logging.Logger, interval_s: float = THROTTLE_S) -> None:
+        self._logger = logger
+        self._interval = interval_s
+        self._last: dict[Hashable, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: Hashable, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get(key, (-1e18, 0))
+            if now - last < self._interval:
+                self._last[key] = (last, suppressed + 1)
+                return
+            self._last[key] = (now, 0)
+            if len(self._last) > 4096:
+                self._last.clear()
+        if suppressed:
+            msg += f" (and {suppressed} more like it in the last {self._interval:.0f} s)"
+        self._logger.warning(msg, *args)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")

@@ -1,0 +1,96 @@
+"""Typed messages between the main process and a partition's worker process (pickled over a pipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.runtime.results import Detection
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerConfig:
+    """How a worker process is set up; one worker serves one partition."""
+
+    partition: str = "cpu"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    cores: tuple[int, ...] = ()  # CPU cores the process is pinned to; empty: all it was given
+    intra_op_threads: int = 0  # 0: one per core
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSpec:
+    key: str  # name@version
+    path: str  # model.onnx
+    sha256: str  # recorded at install, checked again at every load
+    card_json: str
+
+
+# main -> worker
+
+
+@dataclass(slots=True, frozen=True)
+class Load:
+    spec: ModelSpec
+
+
+@dataclass(slots=True, frozen=True)
+class Unload:
+    key: str
+
+
+@dataclass(slots=True, frozen=True)
+class ImageJob:
+    job_id: int
+    models: tuple[str, ...]
+    data: bytes  # encoded JPEG or PNG, decoded in the worker
+
+
+@dataclass(slots=True, frozen=True)
+class VectorJob:
+    job_id: int
+    models: tuple[str, ...]
+    values: dict[str, float]
+
+
+@dataclass(slots=True, frozen=True)
+class Shutdown:
+    pass
+
+
+# worker -> main
+
+
+@dataclass(slots=True, frozen=True)
+class Ready:
+    pid: int
+    threads: int
+
+
+@dataclass(slots=True, frozen=True)
+class Loaded:
+    key: str
+    providers: tuple[str, ...]
+    load_ms: float
+
+
+@dataclass(slots=True, frozen=True)
+class LoadFailed:
+    key: str
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class JobDone:
+    job_id: int
+    # per model key: the findings, or an error message
+    results: dict[str, list[Detection]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    # the frame itself was refused (reason, detail): nothing was run
+    rejected: tuple[str, str] | None = None
+    decode_s: float = 0.0
+    infer_s: dict[str, float] = field(default_factory=dict)  # per model: preprocess + run + decode outputs
+
+
+Job = ImageJob | VectorJob
+Reply = Ready | Loaded | LoadFailed | JobDone

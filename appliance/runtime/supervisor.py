@@ -1,0 +1,320 @@
+"""Runs one worker process for a partition: start, load models, hand out jobs, watch, restart.
+
+A worker that dies (crash) or overruns ``inference_timeout_s`` on a job (hang) is killed and
+restarted with exponential backoff; the jobs it held fail with :class:`WorkerLost`. The model whose
+job was running is given a strike; after ``strikes_before_quarantine`` strikes in a row it is
+quarantined (not loaded again until reinstalled or the daemon restarts), so one poisoned model cannot
+keep the partition's other models down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Literal
+
+from appliance.runtime.messages import (
+    ImageJob,
+    JobDone,
+    Load,
+    LoadFailed,
+    Loaded,
+    ModelSpec,
+    Ready,
+    Reply,
+    Shutdown,
+    Unload,
+    VectorJob,
+    WorkerConfig,
+)
+from appliance.runtime.worker import worker_main
+from appliance.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_INTERVAL_S = 0.25
+HEALTHY_RESET_S = 60.0  # a worker that ran this long resets the restart backoff
+STOP_TIMEOUT_S = 5.0
+
+ModelStateName = Literal["loading", "ready", "failed", "quarantined"]
+WorkerStateName = Literal["starting", "ready", "restarting", "stopped"]
+
+
+class WorkerLost(Exception):
+    """The worker died or was killed while holding the job."""
+
+
+@dataclass(slots=True)
+class ModelState:
+    state: ModelStateName = "loading"
+    reason: str = ""
+    providers: tuple[str, ...] = ()
+    strikes: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    job: ImageJob | VectorJob
+    future: asyncio.Future[JobDone]
+    sent: float = field(default_factory=time.monotonic)
+
+
+class WorkerSupervisor:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        settings: RuntimeSettings,
+        on_change: Callable[[], None] = lambda: None,
+        on_restart: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.config = config
+        self._settings = settings
+        self._on_change = on_change  # capacity or state changed: the scheduler may dispatch
+        self._on_restart = on_restart
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._generation = 0
+        self._desired: dict[str, ModelSpec] = {}
+        self._loaded: set[str] = set()
+        self.models: dict[str, ModelState] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self.state: WorkerStateName = "stopped"
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_restart_reason = ""
+        self._backoff = settings.restart_backoff_min_s
+        self._started_at = 0.0
+        self._kill_reason: str | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._restart_handle: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._send_lock = threading.Lock()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._spawn()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog-{self.config.partition}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restart_handle:
+            self._restart_handle.cancel()
+        if self._watchdog:
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except asyncio.CancelledError:
+                pass
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            self._send(Shutdown())
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, STOP_TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_TIMEOUT_S)
+        self._fail_pending("the daemon is stopping")
+        self.state = "stopped"
+
+    def _spawn(self) -> None:
+        self._generation += 1
+        gen = self._generation
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=worker_main, args=(child, self.config), name=f"worker-{self.config.partition}", daemon=True
+        )
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        self.pid = proc.pid
+        self.state = "starting"
+        self._loaded.clear()
+        self._started_at = time.monotonic()
+        self._kill_reason = None
+        threading.Thread(target=self._read, args=(parent, proc, gen), name=f"worker-reader-{gen}", daemon=True).start()
+        for spec in self._desired.values():
+            self._request_load(spec)
+
+    def _read(self, conn: Connection, proc: Any, gen: int) -> None:
+        assert self._loop is not None
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._loop.call_soon_threadsafe(self._on_reply, gen, msg)
+        proc.join(STOP_TIMEOUT_S)
+        conn.close()
+        self._loop.call_soon_threadsafe(self._on_exit, gen, proc.exitcode)
+
+    def _send(self, msg: object) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            with self._send_lock:
+                conn.send(msg)
+        except (OSError, ValueError):
+            return False  # the reader thread reports the exit
+        return True
+
+    # models
+
+    def set_models(self, specs: dict[str, ModelSpec]) -> None:
+        """Make the worker hold exactly these models (loading new ones, unloading the rest)."""
+        for key in list(self._desired):
+            if key not in specs:
+                del self._desired[key]
+                self.models.pop(key, None)
+                if key in self._loaded:
+                    self._loaded.discard(key)
+                    self._send(Unload(key))
+        for key, spec in specs.items():
+            if key in self._desired and self._desired[key] == spec:
+                continue
+            self._desired[key] = spec
+            self.models[key] = ModelState()
+            self._request_load(spec)
+        self._on_change()
+
+    def _request_load(self, spec: ModelSpec) -> None:
+        state = self.models.setdefault(spec.key, ModelState())
+        if state.state == "quarantined":
+            return
+        state.state, state.reason = "loading", ""
+        self._send(Load(spec))
+
+    def ready_models(self) -> set[str]:
+        return {k for k, s in self.models.items() if s.state == "ready"}
+
+    # jobs
+
+    def capacity(self) -> int:
+        if self.state != "ready":
+            return 0
+        return max(0, self._settings.max_inflight - len(self._pending))
+
+    def submit_image(self, models: tuple[str, ...], data: bytes) -> asyncio.Future[JobDone]:
+        return self._submit(ImageJob(next(self._ids), models, data))
+
+    def submit_vector(self, models: tuple[str, ...], values: dict[str, float]) -> asyncio.Future[JobDone]:
+        return self._submit(VectorJob(next(self._ids), models, values))
+
+    def _submit(self, job: ImageJob | VectorJob) -> asyncio.Future[JobDone]:
+        assert self._loop is not None
+        fut: asyncio.Future[JobDone] = self._loop.create_future()
+        if self.state != "ready":
+            fut.set_exception(WorkerLost(f"worker {self.config.partition} is {self.state}"))
+            return fut
+        self._pending[job.job_id] = _Pending(job, fut)
+        if not self._send(job):
+            self._pending.pop(job.job_id, None)
+            fut.set_exception(WorkerLost(f"worker {self.config.partition} is gone"))
+        return fut
+
+    # replies, on the event loop
+
+    def _on_reply(self, gen: int, msg: Reply) -> None:
+        if gen != self._generation:
+            return
+        if isinstance(msg, JobDone):
+            pending = self._pending.pop(msg.job_id, None)
+            if pending is not None:
+                for key in msg.results:
+                    state = self.models.get(key)
+                    if state is not None:
+                        state.strikes = 0
+                if not pending.future.done():
+                    pending.future.set_result(msg)
+            self._on_change()
+        elif isinstance(msg, Loaded):
+            if msg.key not in self._desired:
+                self._send(Unload(msg.key))
+                return
+            self._loaded.add(msg.key)
+            state = self.models.setdefault(msg.key, ModelState())
+            wanted = self.config.providers[0]
+            if wanted not in msg.providers:
+                state.state = "failed"
+                state.reason = f"asked for {wanted} but ONNX Runtime runs it on {', '.join(msg.providers)}"
+                log.error("model %s on %s: %s", msg.key, self.config.partition, state.reason)
+            else:
+                state.state, state.reason, state.providers = "ready", "", msg.providers
+                log.info("model %s ready on %s (%s, %.0f ms)", msg.key, self.config.partition,
+                         msg.providers[0], msg.load_ms)
+            self._on_change()
+        elif isinstance(msg, LoadFailed):
+            state = self.models.setdefault(msg.key, ModelState())
+            state.state, state.reason = "failed", msg.reason
+            log.error("model %s failed to load on %s: %s", msg.key, self.config.partition, msg.reason)
+            self._on_change()
+        elif isinstance(msg, Ready):
+            self.state = "ready"
+            self.pid = msg.pid
+            self._on_change()
+
+    def _on_exit(self, gen: int, exitcode: int | None) -> None:
+        if gen != self._generation or self._stopping:
+            return
+        reason = self._kill_reason or f"worker exited unexpectedly (exit code {exitcode})"
+        oldest = min(self._pending.values(), key=lambda p: p.sent, default=None)
+        if oldest is not None:
+            for key in oldest.job.models:
+                self._strike(key, reason)
+        self._fail_pending(reason)
+        self.restarts += 1
+        self.last_restart_reason = reason
+        self.state = "restarting"
+        self._conn = None
+        if time.monotonic() - self._started_at > HEALTHY_RESET_S:
+            self._backoff = self._settings.restart_backoff_min_s
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self._settings.restart_backoff_max_s)
+        log.error("worker %s lost: %s; restarting in %.1f s (restart #%d)", self.config.partition, reason, delay,
+                  self.restarts)
+        self._on_restart(reason)
+        self._on_change()
+        assert self._loop is not None
+        self._restart_handle = self._loop.call_later(delay, self._spawn)
+
+    def _strike(self, key: str, reason: str) -> None:
+        state = self.models.get(key)
+        if state is None:
+            return
+        state.strikes += 1
+        if state.strikes >= self._settings.strikes_before_quarantine:
+            state.state = "quarantined"
+            state.reason = f"quarantined after {state.strikes} failures in a row (last: {reason})"
+            log.error("model %s %s; reinstall it or restart the daemon to try again", key, state.reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(WorkerLost(reason))
+
+    async def _watch(self) -> None:
+        limit = self._settings.inference_timeout_s
+        while True:
+            await asyncio.sleep(min(WATCHDOG_INTERVAL_S, limit / 4))
+            if not self._pending or self._kill_reason is not None or self._proc is None:
+                continue
+            oldest = min(self._pending.values(), key=lambda p: p.sent)
+            age = time.monotonic() - oldest.sent
+            if age > limit:
+                models = ", ".join(oldest.job.models)
+                self._kill_reason = f"inference on {models} ran {age:.1f} s (limit {limit:g} s); worker killed"
+                log.error("worker %s stuck: %s", self.config.partition, self._kill_reason)
+                self._proc.kill()

@@ -1,0 +1,174 @@
+"""The appliance's one settings tree: defaults, then a TOML file, then environment overrides.
+
+Environment overrides use the prefix ``APPLIANCE_`` and ``__`` between levels, e.g.
+``APPLIANCE_BROKER__PORT=1884`` or ``APPLIANCE_HTTP__HOST=0.0.0.0``. Values are parsed as TOML
+scalars when they can be (``1884`` is an int, ``true`` a bool), otherwise taken as strings.
+
+An unknown or invalid key fails at start with a message naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from appliance.errors import ConfigError
+
+ENV_PREFIX = "APPLIANCE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerSettings(_Section):
+    mode: Literal["embedded", "external"] = "embedded"
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    # MQTT 5 carries the capture time (user property "ts"); the embedded broker (amqtt) speaks 3.1.1 only
+    protocol: Literal["auto", "3.1.1", "5"] = "auto"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> BrokerSettings:
+        if self.mode == "embedded" and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the embedded broker listens on loopback only; use mode = \"external\" for other hosts")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def mqtt_version(self) -> Literal["3.1.1", "5"]:
+        if self.protocol != "auto":
+            return self.protocol
+        return "3.1.1" if self.mode == "embedded" else "5"
+
+
+class TopicSettings(_Section):
+    cameras: str = "cameras"  # cameras/{source}/frame
+    sensors: str = "sensors"  # sensors/{source}/telemetry
+    appliance: str = "appliance"  # appliance/{device}/status|events|commands
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class IngestSettings(_Section):
+    max_frame_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # bytes
+    max_telemetry_bytes: int = Field(default=64 * 1024, gt=0)  # bytes
+    max_image_pixels: int = Field(default=40_000_000, gt=0)  # pixels, guards against decompression bombs
+    telemetry_queue: int = Field(default=16, ge=1)  # samples kept per sensor when inference lags
+    source_silent_s: float = Field(default=30.0, gt=0)  # seconds without data before a source reads silent
+
+
+class RuntimeSettings(_Section):
+    max_inflight: int = Field(default=2, ge=1)  # jobs handed to a worker before it answers
+    inference_timeout_s: float = Field(default=10.0, gt=0)  # a job running longer gets its worker killed
+    restart_backoff_min_s: float = Field(default=0.5, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    strikes_before_quarantine: int = Field(default=3, ge=1)  # hangs/crashes of one model before it is stopped
+    intra_op_threads: int = Field(default=0, ge=0)  # 0: all cores the worker may use
+
+
+class RetentionSettings(_Section):
+    max_age_days: float = Field(default=30.0, gt=0)
+    max_snapshot_bytes: int = Field(default=2 * 1024**3, gt=0)  # bytes of snapshots on disk
+    prune_interval_s: float = Field(default=60.0, gt=0)
+
+
+class Settings(_Section):
+    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
+    state_dir: Path = Path(".appliance")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    broker: BrokerSettings = BrokerSettings()
+    topics: TopicSettings = TopicSettings()
+    http: HttpSettings = HttpSettings()
+    ingest: IngestSettings = IngestSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    retention: RetentionSettings = RetentionSettings()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "appliance.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.state_dir / "snapshots"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _origin(key: tuple[Any, ...], env: dict[str, Any], file: Path | None) -> str:
+    node: Any = env
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            return str(file) if file else "defaults"
+        node = node[part]
+    return "environment " + ENV_PREFIX + "__".join(str(p).upper() for p in key)
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read settings from ``path`` (TOML, optional) and the environment; raise ConfigError naming the bad key."""
+    environ = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: no such settings file") from e
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    env = _env_overrides(environ)
+    try:
+        return Settings.model_validate(_merge(data, env))
+    except ValidationError as e:
+        lines = []
+        for problem in e.errors():
+            key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+            msg = problem["msg"]
+            if problem["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against docs/configuration.md)"
+            lines.append(f"{_origin(tuple(problem['loc']), env, path)}: {key}: {msg}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from e

@@ -1,0 +1,521 @@
+"""The appliance's state store: one SQLite file, one writer thread, a read connection per thread.
+
+Usage::
+
+    from appliance.store import EventRecord, Store
+
+    with Store(state_dir / "appliance.db") as store:   # opens, migrates, starts the writer
+        store.add_event(EventRecord(id="e1", ts=now, app="ppe-watch", source="cam1",
+                                    rule="no-helmet", label="person", score=0.9))
+        latest = store.recent_events(limit=10)
+
+Opening happens in the constructor (there is no separate ``open()``): when ``Store(path)`` returns,
+the schema is current and the writer is running; :meth:`Store.close` (or leaving the ``with`` block)
+drains pending writes and stops it. Any call after close raises :class:`StoreClosed`.
+
+Durability: WAL journal with ``synchronous=FULL``. WAL with ``NORMAL`` already keeps every committed
+transaction across a kill of the process (SIGKILL, OOM killer), but may lose the last ones on a power
+cut; an unattended box in a mine or a factory loses power without warning, so every commit is synced
+to disk. The cost, one fsync per write, is small at this store's write rate (config changes, events
+after rule debounce and cool-down, audit lines).
+
+Concurrency: every write is a callable run by the single writer thread inside ``BEGIN IMMEDIATE ...
+COMMIT`` (rolled back if it raises); the public write methods block until it is committed and return
+its result or raise its error. Reads run on a connection owned by the calling thread (``query_only``),
+so they never wait for the writer, and may be called from any thread. Another process (the CLI) may
+open the same file at the same time: SQLite's locks serialise the writers, and each waits up to the
+busy timeout (5 s) before :class:`StoreBusy`. The methods block; call them from asyncio through
+``asyncio.to_thread``.
+
+The store records what it is told. Installing, removing, enabling and disabling models and apps are
+*not* audited automatically: the caller, who knows the actor, writes the audit line with
+:meth:`Store.audit` after the change succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from queue import SimpleQueue
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from sqlite_utils import Database
+
+from appliance.store.errors import (
+    ModelExists,
+    ModelInUse,
+    ModelMissing,
+    NotFound,
+    StoreClosed,
+    StoreError,
+    translate,
+)
+from appliance.store.migrations import MIGRATIONS, Migration, apply_migrations
+from appliance.store.records import (
+    AppRecord,
+    AuditRecord,
+    EventRecord,
+    ModelRecord,
+    SourceRecord,
+    app_from_row,
+    audit_from_row,
+    event_from_row,
+    event_to_row,
+    model_from_row,
+    source_from_row,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another one's lock before StoreBusy
+SOURCE_KINDS = ("camera", "sensor")
+
+
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    fn: Callable[[Database], T]
+    future: Future[T]
+
+
+class _Stop:
+    """Queued by close(): everything queued before it is written first."""
+
+
+_STOP = _Stop()
+
+
+def _rows(db: Database, sql: str, params: Iterable[object] = ()) -> list[dict[str, Any]]:
+    return list(db.query(sql, list(params)))
+
+
+class Store:
+    """The appliance's state: models, apps, sources, events, audit log, and the config generation.
+
+    ``Store(path)`` opens (creating the file if needed) and migrates the database, and starts the writer
+    thread; ``clock`` supplies timestamps (``installed_at``, audit ``ts``) and exists for tests.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        clock: Callable[[], float] = time.time,
+        migrations: tuple[Migration, ...] = MIGRATIONS,
+    ) -> None:
+        self._path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._clock = clock
+        self._migrations = migrations
+        self._lock = threading.Lock()  # guards _closed, the queue's last item, and _readers
+        self._closed = False
+        self._queue: SimpleQueue[_Job[Any] | _Stop] = SimpleQueue()
+        self._local = threading.local()
+        self._readers: list[tuple[weakref.ref[threading.Thread], Database]] = []
+        self._ready: Future[None] = Future()
+        self._writer = threading.Thread(target=self._run_writer, name=f"store-writer:{self._path.name}", daemon=True)
+        self._writer.start()
+        try:
+            self._ready.result()
+        except BaseException:
+            self._closed = True
+            self._writer.join()
+            raise
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Same as ``Store(path)``; reads better at call sites that do not use ``with``."""
+        return cls(path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self._path)!r}{', closed' if self._closed else ''})"
+
+    # ---- connections ------------------------------------------------------------------------------
+
+    def _connect(self, *, reader: bool) -> Database:
+        # isolation_level=None: the sqlite3 module opens no implicit transactions; we issue BEGIN ourselves.
+        conn = sqlite3.connect(
+            str(self._path),
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=not reader,  # a reader may be closed by close() from another thread
+        )
+        try:
+            db = Database(conn, execute_plugins=False)
+            db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA synchronous = FULL")
+            if reader:
+                db.execute("PRAGMA query_only = ON")
+            else:
+                db.enable_wal()  # persistent in the file; a no-op when it already is WAL
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    def _reader(self) -> Database:
+        db: Database | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            self._prune_readers()
+            db = self._connect(reader=True)
+            self._readers.append((weakref.ref(threading.current_thread()), db))
+        self._local.db = db
+        return db
+
+    def _prune_readers(self) -> None:
+        """Close the connections of threads that have ended (called with the lock held)."""
+        alive = []
+        for ref, db in self._readers:
+            thread = ref()
+            if thread is not None and thread.is_alive():
+                alive.append((ref, db))
+            else:
+                db.close()
+        self._readers = alive
+
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(f"the state store {self._path} is closed; open a new Store to use it again")
+
+    def _read(self, fn: Callable[[Database], T]) -> T:
+        if self._closed:
+            raise self._closed_error()
+        try:
+            return fn(self._reader())
+        except sqlite3.Error as e:
+            if self._closed:
+                raise self._closed_error() from e
+            raise translate(e, self._path) from e
+
+    # ---- the writer -------------------------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        try:
+            db = self._connect(reader=False)
+        except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread through the future
+            self._ready.set_exception(translate(e, self._path) if isinstance(e, sqlite3.Error) else e)
+            return
+        try:
+            try:
+                apply_migrations(db, self._path, self._migrations)
+            except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread through the future
+                self._ready.set_exception(translate(e, self._path) if isinstance(e, sqlite3.Error) else e)
+                return
+            self._ready.set_result(None)
+            while True:
+                job = self._queue.get()
+                if isinstance(job, _Stop):
+                    return
+                self._run_job(db, job)
+        finally:
+            db.close()
+
+    def _run_job(self, db: Database, job: _Job[Any]) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = job.fn(db)
+            db.execute("COMMIT")
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread through the future
+            if db.conn.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error says more
+            job.future.set_exception(translate(e, self._path) if isinstance(e, sqlite3.Error) else e)
+        else:
+            job.future.set_result(result)
+
+    def _write(self, fn: Callable[[Database], T]) -> T:
+        """Run ``fn`` in one transaction on the writer thread; block until committed; return its result."""
+        if threading.current_thread() is self._writer:
+            raise StoreError("a store write was started from inside another write; this would deadlock")
+        job: _Job[T] = _Job(fn, Future())
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            self._queue.put(job)
+        return job.future.result()
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer and close every connection. Safe to call more than once."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if threading.current_thread() is not self._writer:
+            self._writer.join()
+        with self._lock:
+            for _, db in self._readers:
+                db.close()
+            self._readers = []
+
+    # ---- models -----------------------------------------------------------------------------------
+
+    def add_model(
+        self, card_json: str, name: str, version: str, task: str, sha256: str, size_bytes: int, path: str
+    ) -> None:
+        """Record an installed model package. Raises :class:`ModelExists` if ``name@version`` is installed."""
+        _check_json(card_json, f"model {name}@{version}: card")
+        if size_bytes < 0:
+            raise ValueError(f"model {name}@{version}: size_bytes must not be negative ({size_bytes})")
+        installed_at = self._clock()
+
+        def write(db: Database) -> None:
+            if _rows(db, "SELECT 1 FROM models WHERE name = ? AND version = ?", (name, version)):
+                raise ModelExists(name, version)
+            db.execute(
+                "INSERT INTO models (name, version, task, sha256, size_bytes, path, card, installed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, task, sha256, size_bytes, path, card_json, installed_at),
+            )
+
+        self._write(write)
+
+    def get_model(self, name: str, version: str) -> ModelRecord | None:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)))
+        return model_from_row(rows[0]) if rows else None
+
+    def list_models(self) -> list[ModelRecord]:
+        """Every installed model, by name then installation time."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM models ORDER BY name, installed_at, version"))
+        return [model_from_row(r) for r in rows]
+
+    def remove_model(self, name: str, version: str) -> ModelRecord:
+        """Forget a model and return its record (the caller deletes its files).
+
+        Raises :class:`NotFound` if it is not installed and :class:`ModelInUse` if an app uses it.
+        """
+
+        def write(db: Database) -> ModelRecord:
+            rows = _rows(db, "SELECT * FROM models WHERE name = ? AND version = ?", (name, version))
+            if not rows:
+                raise NotFound(f"model {name}@{version} is not installed")
+            users = _rows(
+                db, "SELECT name FROM apps WHERE model_name = ? AND model_version = ? ORDER BY name", (name, version)
+            )
+            if users:
+                raise ModelInUse(name, version, [str(u["name"]) for u in users])
+            db.execute("DELETE FROM models WHERE name = ? AND version = ?", (name, version))
+            return model_from_row(rows[0])
+
+        return self._write(write)
+
+    # ---- apps -------------------------------------------------------------------------------------
+
+    def add_app(self, manifest_json: str, name: str, version: str, model_name: str, model_version: str) -> None:
+        """Install an app, or upgrade the installed app of that name (keeping its enabled flag).
+
+        A new app starts enabled. Raises :class:`ModelMissing` if ``model_name@model_version`` is not installed.
+        """
+        _check_json(manifest_json, f"app {name}@{version}: manifest")
+        installed_at = self._clock()
+
+        def write(db: Database) -> None:
+            if not _rows(db, "SELECT 1 FROM models WHERE name = ? AND version = ?", (model_name, model_version)):
+                raise ModelMissing(name, model_name, model_version)
+            db.execute(
+                "INSERT INTO apps (name, version, model_name, model_version, manifest, enabled, installed_at)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?)"
+                " ON CONFLICT (name) DO UPDATE SET version = excluded.version, model_name = excluded.model_name,"
+                " model_version = excluded.model_version, manifest = excluded.manifest,"
+                " installed_at = excluded.installed_at",
+                (name, version, model_name, model_version, manifest_json, installed_at),
+            )
+
+        self._write(write)
+
+    def get_app(self, name: str) -> AppRecord | None:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM apps WHERE name = ?", (name,)))
+        return app_from_row(rows[0]) if rows else None
+
+    def list_apps(self) -> list[AppRecord]:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM apps ORDER BY name"))
+        return [app_from_row(r) for r in rows]
+
+    def remove_app(self, name: str) -> AppRecord:
+        """Uninstall an app and return its record. Raises :class:`NotFound` if it is not installed."""
+
+        def write(db: Database) -> AppRecord:
+            rows = _rows(db, "SELECT * FROM apps WHERE name = ?", (name,))
+            if not rows:
+                raise NotFound(f"app {name} is not installed")
+            db.execute("DELETE FROM apps WHERE name = ?", (name,))
+            return app_from_row(rows[0])
+
+        return self._write(write)
+
+    def set_app_enabled(self, name: str, enabled: bool) -> AppRecord:
+        """Enable or disable an app and return its new record; no change (and no reload) if already so.
+
+        Raises :class:`NotFound` if the app is not installed.
+        """
+
+        def write(db: Database) -> AppRecord:
+            rows = _rows(db, "SELECT * FROM apps WHERE name = ?", (name,))
+            if not rows:
+                raise NotFound(f"app {name} is not installed")
+            if bool(rows[0]["enabled"]) != enabled:
+                db.execute("UPDATE apps SET enabled = ? WHERE name = ?", (int(enabled), name))
+                rows = _rows(db, "SELECT * FROM apps WHERE name = ?", (name,))
+            return app_from_row(rows[0])
+
+        return self._write(write)
+
+    def config_generation(self) -> int:
+        """A number that grows on every change to models or apps: poll it to know when to reload."""
+        rows = self._read(lambda db: _rows(db, "SELECT value FROM meta WHERE key = 'config_generation'"))
+        return int(rows[0]["value"]) if rows else 0
+
+    # ---- sources ----------------------------------------------------------------------------------
+
+    def touch_sources(self, rows: list[tuple[str, str, float]]) -> None:
+        """Record sources as seen: ``(id, kind, last_seen)``; ``first_seen`` is set on the first sighting."""
+        for source_id, kind, _ in rows:
+            if kind not in SOURCE_KINDS:
+                raise ValueError(f"source {source_id}: kind must be 'camera' or 'sensor', not {kind!r}")
+        if not rows:
+            return
+        params = [(source_id, kind, float(seen), float(seen)) for source_id, kind, seen in rows]
+
+        def write(db: Database) -> None:
+            db.conn.executemany(
+                "INSERT INTO sources (id, kind, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET kind = excluded.kind,"
+                " last_seen = max(last_seen, excluded.last_seen)",
+                params,
+            )
+
+        self._write(write)
+
+    def list_sources(self) -> list[SourceRecord]:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM sources ORDER BY id"))
+        return [source_from_row(r) for r in rows]
+
+    # ---- events -----------------------------------------------------------------------------------
+
+    def add_event(self, event: EventRecord) -> None:
+        """Store an event. Raises :class:`StoreError` if an event with the same id is already stored."""
+        event.check()
+        row = event_to_row(event)
+
+        def write(db: Database) -> None:
+            if _rows(db, "SELECT 1 FROM events WHERE id = ?", (event.id,)):
+                raise StoreError(f"event {event.id} is already stored; event ids must be unique")
+            columns = ", ".join(row)
+            marks = ", ".join("?" for _ in row)
+            db.execute(f"INSERT INTO events ({columns}) VALUES ({marks})", list(row.values()))
+
+        self._write(write)
+
+    def recent_events(self, limit: int = 50, app: str | None = None, source: str | None = None) -> list[EventRecord]:
+        """The newest ``limit`` events, newest first, optionally only those of one app and/or source."""
+        where, params = [], []
+        if app is not None:
+            where.append("app = ?")
+            params.append(app)
+        if source is not None:
+            where.append("source = ?")
+            params.append(source)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        sql = f"SELECT * FROM events {clause}ORDER BY ts DESC, rowid DESC LIMIT ?"
+        rows = self._read(lambda db: _rows(db, sql, [*params, max(0, int(limit))]))
+        return [event_from_row(r) for r in rows]
+
+    def get_event(self, event_id: str) -> EventRecord | None:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM events WHERE id = ?", (event_id,)))
+        return event_from_row(rows[0]) if rows else None
+
+    def event_totals(self) -> tuple[int, int]:
+        """``(number of events, total snapshot bytes)``."""
+        rows = self._read(
+            lambda db: _rows(db, "SELECT count(*) AS n, coalesce(sum(snapshot_bytes), 0) AS bytes FROM events")
+        )
+        return int(rows[0]["n"]), int(rows[0]["bytes"])
+
+    def prune_events(self, older_than_ts: float, max_snapshot_bytes: int) -> list[EventRecord]:
+        """Remove events with ``ts`` before ``older_than_ts``, then the oldest ones until the snapshot bytes
+        total is at most ``max_snapshot_bytes``. Returns the removed events, oldest first; the caller deletes
+        their snapshot files (after this returns, so a crash leaves files without rows, never the reverse).
+        """
+        if max_snapshot_bytes < 0:
+            raise ValueError(f"max_snapshot_bytes must not be negative ({max_snapshot_bytes})")
+
+        def write(db: Database) -> list[EventRecord]:
+            removed = [
+                event_from_row(r)
+                for r in _rows(db, "SELECT * FROM events WHERE ts < ? ORDER BY ts, rowid", (older_than_ts,))
+            ]
+            db.execute("DELETE FROM events WHERE ts < ?", (older_than_ts,))
+            total = int(db.execute("SELECT coalesce(sum(snapshot_bytes), 0) FROM events").fetchone()[0])
+            over: list[EventRecord] = []
+            if total > max_snapshot_bytes:
+                cursor = db.execute("SELECT * FROM events ORDER BY ts, rowid")
+                keys = [d[0] for d in cursor.description]
+                try:
+                    while total > max_snapshot_bytes and (row := cursor.fetchone()) is not None:
+                        event = event_from_row(dict(zip(keys, row)))
+                        over.append(event)
+                        total -= event.snapshot_bytes
+                finally:
+                    cursor.close()
+                db.conn.executemany("DELETE FROM events WHERE id = ?", [(e.id,) for e in over])
+                removed.extend(over)
+            return removed
+
+        return self._write(write)
+
+    # ---- audit ------------------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, detail: dict[str, object]) -> None:
+        """Append a line to the audit log. ``detail`` is stored as JSON (values JSON cannot hold as text)."""
+        text = json.dumps(detail, sort_keys=True, default=str)
+        ts = self._clock()
+
+        def write(db: Database) -> None:
+            db.execute(
+                "INSERT INTO audit_log (ts, actor, action, detail) VALUES (?, ?, ?, ?)", (ts, actor, action, text)
+            )
+
+        self._write(write)
+
+    def recent_audit(self, limit: int = 50) -> list[AuditRecord]:
+        """The newest ``limit`` audit lines, newest first."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (max(0, limit),)))
+        return [audit_from_row(r) for r in rows]
+
+
+def _check_json(text: str, what: str) -> None:
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from e

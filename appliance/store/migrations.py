@@ -1,0 +1,171 @@
+"""Versioned schema migrations, applied in order at open; the version lives in ``PRAGMA user_version``.
+
+A migration is a version number and either an SQL script or a callable taking the sqlite-utils
+``Database``. Each runs in its own ``BEGIN IMMEDIATE`` transaction together with the ``user_version``
+bump, so a failed migration leaves the database at the previous version, and two processes opening a
+fresh file at once (daemon and CLI) apply each migration exactly once. Never edit a released migration:
+append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from appliance.store.errors import SchemaTooNew, StoreError, translate
+
+MigrationStep = str | Callable[[Database], None]
+
+
+@dataclass(slots=True, frozen=True)
+class Migration:
+    version: int
+    step: MigrationStep
+    description: str = ""
+
+
+# config_generation is bumped by triggers, so any change to models or apps, by any code path, is seen
+# by the daemon polling that one value.
+_GENERATION_TRIGGERS = "\n".join(
+    f"""
+CREATE TRIGGER {table}_{op.lower()}_bumps_generation AFTER {op} ON {table}
+BEGIN
+    UPDATE meta SET value = value + 1 WHERE key = 'config_generation';
+END;"""
+    for table in ("models", "apps")
+    for op in ("INSERT", "UPDATE", "DELETE")
+)
+
+_V1 = (
+    """
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    task TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+    path TEXT NOT NULL,
+    card TEXT NOT NULL,
+    installed_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE apps (
+    name TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+    installed_at REAL NOT NULL,
+    FOREIGN KEY (model_name, model_version) REFERENCES models (name, version) ON DELETE RESTRICT
+);
+CREATE INDEX apps_model ON apps (model_name, model_version);
+
+CREATE TABLE sources (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('camera', 'sensor')),
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+
+CREATE TABLE events (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    app TEXT NOT NULL,
+    source TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    label TEXT NOT NULL,
+    score REAL NOT NULL,
+    box TEXT,
+    snapshot TEXT,
+    snapshot_bytes INTEGER NOT NULL DEFAULT 0 CHECK (snapshot_bytes >= 0),
+    created REAL NOT NULL
+);
+CREATE INDEX events_ts ON events (ts);
+CREATE INDEX events_app_ts ON events (app, ts);
+CREATE INDEX events_source_ts ON events (source, ts);
+
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value
+);
+INSERT INTO meta (key, value) VALUES ('config_generation', 0);
+"""
+    + _GENERATION_TRIGGERS
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def user_version(db: Database) -> int:
+    row = db.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def check_order(migrations: Sequence[Migration]) -> None:
+    """Raise ValueError unless versions are 1, 2, 3, ... in order (a programming error, caught by tests)."""
+    for expected, m in enumerate(migrations, start=1):
+        if m.version != expected:
+            raise ValueError(f"migration versions must be 1, 2, 3, ... in order; found {m.version} at {expected}")
+
+
+def apply_migrations(db: Database, path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring ``db`` (whose file is ``path``, for messages) up to the last migration; return the version.
+
+    The connection must use explicit transaction control (``isolation_level=None``). Raises
+    :class:`SchemaTooNew` if the file is newer than ``migrations``; a failing step is rolled back and
+    raised as :class:`StoreError` naming the version.
+    """
+    check_order(migrations)
+    latest = migrations[-1].version if migrations else 0
+    found = user_version(db)
+    if found > latest:
+        raise SchemaTooNew(path, found, latest)
+    for migration in migrations:
+        if migration.version <= found:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # re-read under the write lock: another process may have migrated meanwhile
+            found = user_version(db)
+            if found > latest:
+                raise SchemaTooNew(path, found, latest)
+            if migration.version > found:
+                if isinstance(migration.step, str):
+                    db.executescript(migration.step)
+                else:
+                    migration.step(db)
+                db.execute(f"PRAGMA user_version = {int(migration.version)}")
+                found = migration.version
+            db.execute("COMMIT")
+        except BaseException as e:
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, StoreError) or not isinstance(e, Exception):
+                raise
+            if isinstance(e, sqlite3.Error):
+                specific = translate(e, path)
+                if type(specific) is not StoreError:  # busy, corrupt, closed: say that, not "migration failed"
+                    raise specific from e
+            raise StoreError(
+                f"{path}: schema migration {migration.version} failed and was rolled back "
+                f"(the database stays at version {found}): {e}"
+            ) from e
+    return found

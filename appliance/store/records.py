@@ -1,0 +1,194 @@
+"""The rows of the store as frozen, slotted dataclasses, and their conversion from database rows.
+
+Times are epoch seconds (``time.time()``). JSON documents (model card, app manifest) are kept as the
+text they were installed with; callers parse them with ``formats`` when they need them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Literal, cast
+
+SourceKind = Literal["camera", "sensor"]
+Box = tuple[float, float, float, float]
+
+
+@dataclass(slots=True, frozen=True)
+class ModelRecord:
+    """An installed model package: ``path`` is where ``model.onnx`` lies, ``card_json`` its ``model.json``."""
+
+    name: str
+    version: str
+    task: str
+    sha256: str
+    size_bytes: int
+    path: str
+    card_json: str
+    installed_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(slots=True, frozen=True)
+class AppRecord:
+    """An installed app and the model name and version it runs."""
+
+    name: str
+    version: str
+    model_name: str
+    model_version: str
+    manifest_json: str
+    enabled: bool
+    installed_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def model_key(self) -> str:
+        return f"{self.model_name}@{self.model_version}"
+
+
+@dataclass(slots=True, frozen=True)
+class SourceRecord:
+    """A camera or sensor seen on the broker."""
+
+    id: str
+    kind: SourceKind
+    first_seen: float
+    last_seen: float
+
+
+@dataclass(slots=True, frozen=True)
+class EventRecord:
+    """An event fired by a rule.
+
+    ``box`` is ``(x1, y1, x2, y2)`` in 0..1 of the frame, or None. ``snapshot`` is a path relative to the
+    state directory (no ``..``), or None; ``snapshot_bytes`` its size, counted against the snapshot quota.
+    """
+
+    id: str
+    ts: float
+    app: str
+    source: str
+    rule: str
+    label: str
+    score: float
+    box: Box | None = None
+    snapshot: str | None = None
+    snapshot_bytes: int = 0
+    created: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        """Raise ValueError if the record cannot be stored as it is."""
+        if not self.id:
+            raise ValueError("event id must not be empty")
+        if self.snapshot_bytes < 0:
+            raise ValueError(f"event {self.id}: snapshot_bytes must not be negative ({self.snapshot_bytes})")
+        if self.box is not None and len(self.box) != 4:
+            raise ValueError(f"event {self.id}: box must have 4 numbers (x1, y1, x2, y2)")
+        if self.snapshot is not None:
+            p = PurePosixPath(self.snapshot)
+            if not self.snapshot or p.is_absolute() or ".." in p.parts or "\\" in self.snapshot:
+                raise ValueError(
+                    f"event {self.id}: snapshot {self.snapshot!r} must be a path relative to the state directory"
+                )
+
+
+@dataclass(slots=True, frozen=True)
+class AuditRecord:
+    """One line of the audit log: who (``actor``) did what (``action``), with JSON ``detail``."""
+
+    id: int
+    ts: float
+    actor: str
+    action: str
+    detail: Mapping[str, object] = field(hash=False)
+
+
+def model_from_row(row: Mapping[str, Any]) -> ModelRecord:
+    return ModelRecord(
+        name=str(row["name"]),
+        version=str(row["version"]),
+        task=str(row["task"]),
+        sha256=str(row["sha256"]),
+        size_bytes=int(row["size_bytes"]),
+        path=str(row["path"]),
+        card_json=str(row["card"]),
+        installed_at=float(row["installed_at"]),
+    )
+
+
+def app_from_row(row: Mapping[str, Any]) -> AppRecord:
+    return AppRecord(
+        name=str(row["name"]),
+        version=str(row["version"]),
+        model_name=str(row["model_name"]),
+        model_version=str(row["model_version"]),
+        manifest_json=str(row["manifest"]),
+        enabled=bool(row["enabled"]),
+        installed_at=float(row["installed_at"]),
+    )
+
+
+def source_from_row(row: Mapping[str, Any]) -> SourceRecord:
+    return SourceRecord(
+        id=str(row["id"]),
+        kind=cast(SourceKind, str(row["kind"])),
+        first_seen=float(row["first_seen"]),
+        last_seen=float(row["last_seen"]),
+    )
+
+
+def event_from_row(row: Mapping[str, Any]) -> EventRecord:
+    box: Box | None = None
+    if row["box"] is not None:
+        x1, y1, x2, y2 = (float(v) for v in json.loads(row["box"]))
+        box = (x1, y1, x2, y2)
+    return EventRecord(
+        id=str(row["id"]),
+        ts=float(row["ts"]),
+        app=str(row["app"]),
+        source=str(row["source"]),
+        rule=str(row["rule"]),
+        label=str(row["label"]),
+        score=float(row["score"]),
+        box=box,
+        snapshot=None if row["snapshot"] is None else str(row["snapshot"]),
+        snapshot_bytes=int(row["snapshot_bytes"]),
+        created=float(row["created"]),
+    )
+
+
+def event_to_row(event: EventRecord) -> dict[str, object]:
+    return {
+        "id": event.id,
+        "ts": float(event.ts),
+        "app": event.app,
+        "source": event.source,
+        "rule": event.rule,
+        "label": event.label,
+        "score": float(event.score),
+        "box": None if event.box is None else json.dumps([float(v) for v in event.box]),
+        "snapshot": event.snapshot,
+        "snapshot_bytes": int(event.snapshot_bytes),
+        "created": float(event.created),
+    }
+
+
+def audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
+    detail = json.loads(row["detail"])
+    return AuditRecord(
+        id=int(row["id"]),
+        ts=float(row["ts"]),
+        actor=str(row["actor"]),
+        action=str(row["action"]),
+        detail=detail if isinstance(detail, dict) else {"value": detail},
+    )
