@@ -84,7 +84,7 @@ class EmbeddedBroker:
 
         try:
             loop.run_until_complete(boot())
-        except BaseException as e:  # reported to start() by the event
+        except Exception as e:  # noqa: BLE001 - reported to start() through _error
             self._error = e
             self._ready.set()
             loop.close()

@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # translated at the boundary: the user sees what failed, not a traceback
-        from formats import FormatError
         from appliance.store import StoreError
+        from formats import FormatError
 
         if isinstance(e, (StoreError, FormatError)):
             print(f"error: {e}", file=sys.stderr)

@@ -130,7 +130,8 @@ class Stats:
             for s in sorted(self._sources.values(), key=lambda s: s.id):
                 state, why = "receiving", ""
                 if not s.last_seen or now - s.last_seen > self.silent_after_s:
-                    state, why = "silent", "no data for more than %d s" % self.silent_after_s if s.last_seen else "no data yet"
+                    state, why = "silent", (f"no data for more than {self.silent_after_s:g} s" if s.last_seen
+                                                    else "no data yet")
                 elif s.last_reject and now - s.last_reject[0] < RATE_WINDOW_S and s.px.rate(now) == 0:
                     state, why = "rejecting", f"{s.last_reject[1]}: {s.last_reject[2]}"
                 out.append({

@@ -52,7 +52,7 @@ def test_each_bad_message_is_rejected_counted_and_the_good_camera_keeps_going(
             pub.publish(f"sensors/{source}/telemetry", payload)
         pub.publish("lights/cam1/frame", good)  # not ours: never subscribed
         for source, (_, reason) in {**bad_frames, **bad_telemetry}.items():
-            wait_until(lambda: rejected(d, source, reason) == 1, 20, what=f"{source} rejected as {reason}")
+            wait_until(lambda s=source, r=reason: rejected(d, s, r) == 1, 20, what=f"{source} rejected as {reason}")
         pub.publish("cameras/good/frame", good)
         wait_until(lambda: (s := d.source("good")) and s["processed"] == 2, 20, what="good camera still served")
     finally:

@@ -182,7 +182,7 @@ class MqttClient:
                 props[str(key)] = str(value)
         msg = ReceiveMessage(
             topic=message.topic,
-            payload=message.payload,
+            payload=bytes(message.payload),
             qos=message.qos,
             retain=bool(message.retain),
             received=time.time(),
@@ -199,6 +199,6 @@ class MqttClient:
 
 def publish_properties(user: dict[str, str]) -> Properties:
     """MQTT 5 PUBLISH properties carrying user properties (for publishers such as the simulators)."""
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.UserProperty = list(user.items())
     return props

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,7 @@ __all__ = [
 RejectReason = Literal["not_an_image", "corrupt_image", "image_too_large", "bad_telemetry"]
 
 LETTERBOX_FILL = 114  # grey used by Ultralytics for letterbox padding
+RESIZE_REDUCING_GAP = 3.0  # see Pillow's Image.resize
 MAX_NMS_CANDIDATES = 30_000  # boxes above threshold considered by NMS, best first (bounds its cost)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -238,7 +240,10 @@ def preprocess_image(rgb: npt.NDArray[np.uint8], spec: ImageInput) -> tuple[npt.
 def _resize(rgb: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
     if rgb.shape[1] == width and rgb.shape[0] == height:
         return rgb
-    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.Resampling.BILINEAR)
+    # reducing_gap: big downscales first shrink by an integer factor (fast), then resample; 3 is visually exact
+    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize(
+        (width, height), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP
+    )
     return np.asarray(resized, dtype=np.uint8)
 
 
@@ -269,7 +274,7 @@ def vector_from_telemetry(values: dict[str, float], spec: VectorInput) -> F32:
 
 
 def decode_outputs(
-    card: ModelCard, outputs: dict[str, npt.NDArray[np.generic]], transform: Letterbox | None
+    card: ModelCard, outputs: Mapping[str, npt.NDArray[Any]], transform: Letterbox | None
 ) -> list[Detection]:
     """Turn raw session outputs into detections, best first, as the card's output decoder says.
 
@@ -291,7 +296,7 @@ def decode_outputs(
     return found
 
 
-def _get(outputs: dict[str, npt.NDArray[np.generic]], name: str) -> F32:
+def _get(outputs: Mapping[str, npt.NDArray[Any]], name: str) -> F32:
     if name not in outputs:
         raise ValueError(f"the model produced no output {name!r} (got: {', '.join(sorted(outputs)) or 'none'})")
     arr: F32 = np.asarray(outputs[name], dtype=np.float32)
@@ -366,7 +371,7 @@ def _decode_yolo(card: ModelCard, out: YoloOutput, arr: F32, transform: Letterbo
 
 
 def _decode_boxes(
-    card: ModelCard, out: BoxesOutput, outputs: dict[str, npt.NDArray[np.generic]], transform: Letterbox | None
+    card: ModelCard, out: BoxesOutput, outputs: Mapping[str, npt.NDArray[Any]], transform: Letterbox | None
 ) -> list[Detection]:
     boxes = _get(outputs, out.boxes)
     boxes = _drop_batch(boxes, 2, f"output {out.boxes!r}") if boxes.ndim == 3 else boxes.reshape(-1, 4)

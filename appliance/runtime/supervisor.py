@@ -24,8 +24,8 @@ from appliance.runtime.messages import (
     ImageJob,
     JobDone,
     Load,
-    LoadFailed,
     Loaded,
+    LoadFailed,
     ModelSpec,
     Ready,
     Reply,
@@ -99,6 +99,7 @@ class WorkerSupervisor:
         self._restart_handle: asyncio.TimerHandle | None = None
         self._stopping = False
         self._send_lock = threading.Lock()
+        self._current: Any = None  # [job id, model index] the worker is on; see worker._mark
 
     # lifecycle
 
@@ -132,8 +133,9 @@ class WorkerSupervisor:
         self._generation += 1
         gen = self._generation
         parent, child = self._ctx.Pipe(duplex=True)
+        self._current = self._ctx.Array("q", [0, -1], lock=False)
         proc = self._ctx.Process(
-            target=worker_main, args=(child, self.config), name=f"worker-{self.config.partition}", daemon=True
+            target=worker_main, args=(child, self.config, self._current), name=f"worker-{self.config.partition}", daemon=True
         )
         proc.start()
         child.close()
@@ -269,10 +271,9 @@ class WorkerSupervisor:
         if gen != self._generation or self._stopping:
             return
         reason = self._kill_reason or f"worker exited unexpectedly (exit code {exitcode})"
-        oldest = min(self._pending.values(), key=lambda p: p.sent, default=None)
-        if oldest is not None:
-            for key in oldest.job.models:
-                self._strike(key, reason)
+        culprit = self._culprit()
+        if culprit is not None:
+            self._strike(culprit, reason)
         self._fail_pending(reason)
         self.restarts += 1
         self.last_restart_reason = reason
@@ -288,6 +289,16 @@ class WorkerSupervisor:
         self._on_change()
         assert self._loop is not None
         self._restart_handle = self._loop.call_later(delay, self._spawn)
+
+    def _culprit(self) -> str | None:
+        """The model that was running when the worker died, or None (idle, or decoding a frame)."""
+        if self._current is None:
+            return None
+        job_id, index = int(self._current[0]), int(self._current[1])
+        pending = self._pending.get(job_id)
+        if pending is None or not 0 <= index < len(pending.job.models):
+            return None
+        return pending.job.models[index]
 
     def _strike(self, key: str, reason: str) -> None:
         state = self.models.get(key)
@@ -314,7 +325,7 @@ class WorkerSupervisor:
             oldest = min(self._pending.values(), key=lambda p: p.sent)
             age = time.monotonic() - oldest.sent
             if age > limit:
-                models = ", ".join(oldest.job.models)
+                models = self._culprit() or ", ".join(oldest.job.models)
                 self._kill_reason = f"inference on {models} ran {age:.1f} s (limit {limit:g} s); worker killed"
                 log.error("worker %s stuck: %s", self.config.partition, self._kill_reason)
                 self._proc.kill()

@@ -18,8 +18,8 @@ from appliance.runtime.messages import (
     ImageJob,
     JobDone,
     Load,
-    LoadFailed,
     Loaded,
+    LoadFailed,
     ModelSpec,
     Ready,
     Shutdown,
@@ -67,16 +67,28 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
     return _Model(spec, session), (time.perf_counter() - t0) * 1000
 
 
-def _run_image(job: ImageJob, models: dict[str, _Model], config: WorkerConfig) -> JobDone:
+# Shared with the supervisor: [job id, index of the model running, -1 while decoding]. If this process
+# dies or hangs, the supervisor reads it to blame the model that was running, not its neighbours.
+Current = Any
+
+
+def _mark(current: Current, job_id: int, index: int) -> None:
+    current[0] = job_id
+    current[1] = index
+
+
+def _run_image(job: ImageJob, models: dict[str, _Model], config: WorkerConfig, current: Current) -> JobDone:
     from appliance.runtime.processing import FrameRejected, decode_image, decode_outputs, preprocess_image
 
     t0 = time.perf_counter()
+    _mark(current, job.job_id, -1)
     try:
         rgb = decode_image(job.data, max_pixels=config.max_image_pixels)
     except FrameRejected as e:
         return JobDone(job.job_id, rejected=(e.reason, e.detail))
     done = JobDone(job.job_id, decode_s=time.perf_counter() - t0)
-    for key in job.models:
+    for index, key in enumerate(job.models):
+        _mark(current, job.job_id, index)
         model = models.get(key)
         if model is None:
             done.errors[key] = f"model {key} is not loaded in this worker"
@@ -96,12 +108,13 @@ def _run_image(job: ImageJob, models: dict[str, _Model], config: WorkerConfig) -
     return done
 
 
-def _run_vector(job: VectorJob, models: dict[str, _Model]) -> JobDone:
+def _run_vector(job: VectorJob, models: dict[str, _Model], current: Current) -> JobDone:
     from appliance.runtime.processing import FrameRejected, decode_outputs, vector_from_telemetry
     from formats.model_card import VectorInput
 
     done = JobDone(job.job_id)
-    for key in job.models:
+    for index, key in enumerate(job.models):
+        _mark(current, job.job_id, index)
         model = models.get(key)
         if model is None:
             done.errors[key] = f"model {key} is not loaded in this worker"
@@ -122,7 +135,7 @@ def _run_vector(job: VectorJob, models: dict[str, _Model]) -> JobDone:
     return done
 
 
-def worker_main(conn: Connection, config: WorkerConfig) -> None:
+def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> None:
     """Entry point of the worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon, which stops us in order
     if config.cores:
@@ -135,9 +148,9 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         except (EOFError, OSError):
             return
         if isinstance(msg, ImageJob):
-            conn.send(_run_image(msg, models, config))
+            conn.send(_run_image(msg, models, config, current))
         elif isinstance(msg, VectorJob):
-            conn.send(_run_vector(msg, models))
+            conn.send(_run_vector(msg, models, current))
         elif isinstance(msg, Load):
             try:
                 model, ms = _load(msg.spec, config)
