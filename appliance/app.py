@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
+MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the models to load
 
 
 class Daemon:
@@ -108,6 +109,7 @@ class Daemon:
         await self.worker.start()
         await self.pipeline.start()
         await self._reload()
+        await self._models_settled(MODELS_LOAD_WAIT_S)
         self.ingest.start()
         self.mqtt.subscribe(self.commands_topic, self._on_command)
         self.mqtt.start()
@@ -122,6 +124,22 @@ class Daemon:
         log.info("appliance %s up: device %s, broker %s %s:%s, HTTP http://%s:%s, state in %s", __version__,
                  s.device_id, s.broker.mode, s.broker.host, s.broker.port, s.http.host, sock.getsockname()[1],
                  s.state_dir.resolve())
+
+    async def _models_settled(self, timeout: float) -> None:
+        """Wait until no model is loading any more, so the first frames are not refused for that."""
+        changed = asyncio.Event()
+        deadline = time.monotonic() + timeout
+        while any(m.state == "loading" for m in self.worker.models.values()) or self.worker.state == "starting":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("models still loading after %.0f s; serving what is ready", timeout)
+                return
+            changed.clear()
+            self.worker.on_change_once(changed.set)
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                pass
 
     def _bind_http(self) -> socket.socket:
         h = self.settings.http
@@ -239,7 +257,8 @@ class Daemon:
         }
 
 
-async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None) -> None:
+async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None,
+                 before_stop: Callable[[], None] | None) -> None:
     daemon = Daemon(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -254,9 +273,12 @@ async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None) -> 
         ready(daemon)
     await stop.wait()
     log.info("stopping")
+    if before_stop is not None:
+        await loop.run_in_executor(None, before_stop)
     await daemon.stop()
 
 
-def run(settings: Settings, ready: Callable[[Daemon], None] | None = None) -> None:
-    """Run the daemon until SIGINT or SIGTERM."""
-    asyncio.run(_serve(settings, ready))
+def run(settings: Settings, ready: Callable[[Daemon], None] | None = None,
+        before_stop: Callable[[], None] | None = None) -> None:
+    """Run the daemon until SIGINT or SIGTERM; ``ready`` is called once it serves, ``before_stop`` first thing on the way out."""
+    asyncio.run(_serve(settings, ready, before_stop))

@@ -84,10 +84,10 @@ Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish t
 Press Ctrl-C to stop.
 """, flush=True)
 
-    try:
-        run(settings, ready=started)
-    finally:
+    def stop_simulators() -> None:
         for sim in sims:
             sim.stop()
         watcher.stop()
+
+    run(settings, ready=started, before_stop=stop_simulators)
     return 0

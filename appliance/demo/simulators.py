@@ -66,8 +66,7 @@ class GasSensorSimulator(_Publisher):
         self._spike_every = spike_every_s
 
     def message(self, t: float) -> tuple[str, bytes]:
-        phase = (t + 5.0) % self._spike_every  # first spike ~5 s in... minus the lead
-        spiking = phase > self._spike_every - 3.0
+        spiking = 4.0 <= t % self._spike_every < 7.0  # 3 s of methane, first 4 s after start
         ch4 = 2.6 if spiking else 0.5 + 0.05 * math.sin(t)
         temp = 25.0 + 0.5 * math.sin(t / 7)
         return self._topic, json.dumps({"ts": time.time(), "values": {"ch4": round(ch4, 3), "temp": round(temp, 2)}}).encode()

@@ -77,6 +77,7 @@ class WorkerSupervisor:
         self.config = config
         self._settings = settings
         self._on_change = on_change  # capacity or state changed: the scheduler may dispatch
+        self._once: list[Callable[[], None]] = []
         self._on_restart = on_restart
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx = multiprocessing.get_context("spawn")
@@ -189,7 +190,7 @@ class WorkerSupervisor:
             self._desired[key] = spec
             self.models[key] = ModelState()
             self._request_load(spec)
-        self._on_change()
+        self._changed()
 
     def _request_load(self, spec: ModelSpec) -> None:
         state = self.models.setdefault(spec.key, ModelState())
@@ -197,6 +198,16 @@ class WorkerSupervisor:
             return
         state.state, state.reason = "loading", ""
         self._send(Load(spec))
+
+    def on_change_once(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at the next change of worker or model state."""
+        self._once.append(callback)
+
+    def _changed(self) -> None:
+        once, self._once = self._once, []
+        for cb in once:
+            cb()
+        self._on_change()
 
     def ready_models(self) -> set[str]:
         return {k for k, s in self.models.items() if s.state == "ready"}
@@ -240,7 +251,7 @@ class WorkerSupervisor:
                         state.strikes = 0
                 if not pending.future.done():
                     pending.future.set_result(msg)
-            self._on_change()
+            self._changed()
         elif isinstance(msg, Loaded):
             if msg.key not in self._desired:
                 self._send(Unload(msg.key))
@@ -256,16 +267,16 @@ class WorkerSupervisor:
                 state.state, state.reason, state.providers = "ready", "", msg.providers
                 log.info("model %s ready on %s (%s, %.0f ms)", msg.key, self.config.partition,
                          msg.providers[0], msg.load_ms)
-            self._on_change()
+            self._changed()
         elif isinstance(msg, LoadFailed):
             state = self.models.setdefault(msg.key, ModelState())
             state.state, state.reason = "failed", msg.reason
             log.error("model %s failed to load on %s: %s", msg.key, self.config.partition, msg.reason)
-            self._on_change()
+            self._changed()
         elif isinstance(msg, Ready):
             self.state = "ready"
             self.pid = msg.pid
-            self._on_change()
+            self._changed()
 
     def _on_exit(self, gen: int, exitcode: int | None) -> None:
         if gen != self._generation or self._stopping:
@@ -286,7 +297,7 @@ class WorkerSupervisor:
         log.error("worker %s lost: %s; restarting in %.1f s (restart #%d)", self.config.partition, reason, delay,
                   self.restarts)
         self._on_restart(reason)
-        self._on_change()
+        self._changed()
         assert self._loop is not None
         self._restart_handle = self._loop.call_later(delay, self._spawn)
 

@@ -137,7 +137,10 @@ def _run_vector(job: VectorJob, models: dict[str, _Model], current: Current) -> 
 
 def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> None:
     """Entry point of the worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the daemon, which stops us in order
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the daemon stops us in order
+    # (Shutdown), and if the daemon itself dies the pipe closes and we exit on EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config.cores:
         os.sched_setaffinity(0, config.cores)
     models: dict[str, _Model] = {}
