@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import ConfigError
+from formats.errors import describe_validation_error
 
 ENV_PREFIX = "APPLIANCE_"
 
@@ -164,11 +165,5 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
     try:
         return Settings.model_validate(_merge(data, env))
     except ValidationError as e:
-        lines = []
-        for problem in e.errors():
-            key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-            msg = problem["msg"]
-            if problem["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling against docs/configuration.md)"
-            lines.append(f"{_origin(tuple(problem['loc']), env, path)}: {key}: {msg}")
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from e
+        detail = describe_validation_error(e, lambda key: _origin(key, env, path), docs="docs/configuration.md")
+        raise ConfigError("invalid settings:\n  " + detail.replace("\n", "\n  ")) from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,15 +15,18 @@ class FormatError(ValueError):
     """A document does not follow its format; the message names the file and the key."""
 
 
-def describe_validation_error(err: ValidationError, where: str) -> str:
-    """One line per problem: ``where: key.path: message``."""
+def describe_validation_error(
+    err: ValidationError, where: str | Callable[[tuple[int | str, ...]], str], docs: str = "docs/formats.md"
+) -> str:
+    """One line per problem: ``where: key.path: message``; ``where`` may depend on the key."""
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         msg = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the documented keys)"
-        lines.append(f"{where}: {key}: {msg}")
+            msg = f"unknown key (check the spelling against {docs})"
+        origin = where if isinstance(where, str) else where(tuple(problem["loc"]))
+        lines.append(f"{origin}: {key}: {msg}")
     return "\n".join(lines)
 
 

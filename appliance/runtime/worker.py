@@ -77,15 +77,26 @@ def _mark(current: Current, job_id: int, index: int) -> None:
     current[1] = index
 
 
-def _run_image(job: ImageJob, models: dict[str, _Model], config: WorkerConfig, current: Current) -> JobDone:
-    from appliance.runtime.processing import FrameRejected, decode_image, decode_outputs, preprocess_image
+def _run(job: ImageJob | VectorJob, models: dict[str, _Model], config: WorkerConfig, current: Current) -> JobDone:
+    """Decode the frame once (images), then feed each of the job's models in turn."""
+    from appliance.runtime.processing import (
+        FrameRejected,
+        Letterbox,
+        decode_image,
+        decode_outputs,
+        preprocess_image,
+        vector_from_telemetry,
+    )
+    from formats.model_card import ImageInput
 
     t0 = time.perf_counter()
     _mark(current, job.job_id, -1)
-    try:
-        rgb = decode_image(job.data, max_pixels=config.max_image_pixels)
-    except FrameRejected as e:
-        return JobDone(job.job_id, rejected=(e.reason, e.detail))
+    rgb = None
+    if isinstance(job, ImageJob):
+        try:
+            rgb = decode_image(job.data, max_pixels=config.max_image_pixels)
+        except FrameRejected as e:
+            return JobDone(job.job_id, rejected=(e.reason, e.detail))
     done = JobDone(job.job_id, decode_s=time.perf_counter() - t0)
     for index, key in enumerate(job.models):
         _mark(current, job.job_id, index)
@@ -94,42 +105,21 @@ def _run_image(job: ImageJob, models: dict[str, _Model], config: WorkerConfig, c
             done.errors[key] = f"model {key} is not loaded in this worker"
             continue
         t1 = time.perf_counter()
-        try:
-            from formats.model_card import ImageInput
-
-            spec = model.card.input
-            assert isinstance(spec, ImageInput)
-            tensor, transform = preprocess_image(rgb, spec)
-            raw = model.session.run(model.output_names, {spec.name: tensor})
-            done.results[key] = decode_outputs(model.card, dict(zip(model.output_names, raw)), transform)
-        except Exception as e:  # noqa: BLE001 - reported per model, the frame's other models still run
-            done.errors[key] = f"{type(e).__name__}: {e}"
-        done.infer_s[key] = time.perf_counter() - t1
-    return done
-
-
-def _run_vector(job: VectorJob, models: dict[str, _Model], current: Current) -> JobDone:
-    from appliance.runtime.processing import FrameRejected, decode_outputs, vector_from_telemetry
-    from formats.model_card import VectorInput
-
-    done = JobDone(job.job_id)
-    for index, key in enumerate(job.models):
-        _mark(current, job.job_id, index)
-        model = models.get(key)
-        if model is None:
-            done.errors[key] = f"model {key} is not loaded in this worker"
-            continue
-        t1 = time.perf_counter()
         spec = model.card.input
-        assert isinstance(spec, VectorInput)
+        transform: Letterbox | None = None
         try:
-            vector = vector_from_telemetry(job.values, spec)
+            if isinstance(spec, ImageInput):
+                assert rgb is not None, "an image model was given telemetry"
+                tensor, transform = preprocess_image(rgb, spec)
+            else:
+                assert isinstance(job, VectorJob), "a telemetry model was given an image"
+                tensor = vector_from_telemetry(job.values, spec)
         except FrameRejected as e:
             return JobDone(job.job_id, rejected=(e.reason, e.detail))
         try:
-            raw = model.session.run(model.output_names, {spec.name: vector})
-            done.results[key] = decode_outputs(model.card, dict(zip(model.output_names, raw)), None)
-        except Exception as e:  # noqa: BLE001
+            raw = model.session.run(model.output_names, {spec.name: tensor})
+            done.results[key] = decode_outputs(model.card, dict(zip(model.output_names, raw)), transform)
+        except Exception as e:  # noqa: BLE001 - reported per model, the frame's other models still run
             done.errors[key] = f"{type(e).__name__}: {e}"
         done.infer_s[key] = time.perf_counter() - t1
     return done
@@ -150,10 +140,8 @@ def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> Non
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if isinstance(msg, ImageJob):
-            conn.send(_run_image(msg, models, config, current))
-        elif isinstance(msg, VectorJob):
-            conn.send(_run_vector(msg, models, current))
+        if isinstance(msg, (ImageJob, VectorJob)):
+            conn.send(_run(msg, models, config, current))
         elif isinstance(msg, Load):
             try:
                 model, ms = _load(msg.spec, config)
