@@ -61,6 +61,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("models"))
 
 
+# Run as root, mosquitto switches to its own user, which cannot read files under pytest's private tmp_path.
+MOSQUITTO_BASE = "user root\n" if os.geteuid() == 0 else ""
+
+
 @dataclass
 class Mosquitto:
     port: int
@@ -68,9 +72,15 @@ class Mosquitto:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        wait_until(lambda: port_open(self.port), 10, what=f"mosquitto on port {self.port}")
+        with open(self.conf.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: port_open(self.port), 10, what=f"mosquitto on port {self.port}")
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait(5)
+            log = self.conf.with_suffix(".log").read_text(errors="replace")
+            raise AssertionError(f"mosquitto did not start: {log}") from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -85,7 +95,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         pytest.fail("mosquitto is not installed: run .ci/run or `apt-get install mosquitto mosquitto-clients`")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     broker = Mosquitto(port, conf)
     broker.start()
     yield broker
@@ -172,20 +182,29 @@ class Daemon:
             raise AssertionError(f"appliance {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r
 
-    def start(self) -> None:
+    def start(self, healthy: bool = True) -> None:
+        """Start the daemon and wait until it answers (and, with ``healthy``, reports itself healthy)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config)],
                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._ready, START_TIMEOUT_S, interval=0.1, what=f"daemon health (log: {self.log_path})")
+        wait_until(lambda: self._ready(healthy), START_TIMEOUT_S, interval=0.1,
+                   what=f"daemon health (log: {self.log_path})")
 
-    def _ready(self) -> bool:
+    def _ready(self, healthy: bool) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
         try:
             status = self.status()
         except (urllib.error.URLError, OSError):
             return False
-        return bool(status["health"]["ok"])
+        return bool(status["health"]["ok"]) or not healthy
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
 
     def get(self, path: str) -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
@@ -233,7 +252,7 @@ DaemonFactory = Callable[..., Daemon]
 def make_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
 
-    def make(broker_port: int | None = None, extra: str = "", start: bool = True) -> Daemon:
+    def make(broker_port: int | None = None, extra: str = "", start: bool = True, broker_extra: str = "") -> Daemon:
         http_port = free_port()
         embedded = broker_port is None
         mqtt_port = free_port() if embedded else broker_port
@@ -247,9 +266,10 @@ def make_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
             port = {mqtt_port}
             reconnect_min_s = 0.2
             reconnect_max_s = 1.0
+            {{broker_extra}}
             [http]
             port = {http_port}
-            """) + textwrap.dedent(extra))
+            """).replace("{broker_extra}", textwrap.dedent(broker_extra).strip()) + textwrap.dedent(extra))
         d = Daemon(state, config, http_port, int(mqtt_port), f"test-{http_port}")
         started.append(d)
         if start:
