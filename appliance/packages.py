@@ -9,17 +9,22 @@ or the new one, never half of one. The sha256 is recorded and checked again at e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from appliance.errors import InstallError
 from appliance.store import AppRecord, ModelRecord, Store, StoreError
 from formats import AppManifest, FormatError, ModelCard
 from formats.model_card import BoxesOutput, ClassificationOutput, ImageInput, YoloOutput
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}
 
@@ -130,6 +135,24 @@ def _package_files(path: Path) -> tuple[Path, Path]:
     return onnx_path, card_path
 
 
+def _audited_refusal(action: str) -> Callable[[F], F]:
+    """Write a refused install to the audit log (who, what, why) before the error reaches the user."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(store: Store, *args: Any) -> Any:
+            try:
+                return fn(store, *args)
+            except InstallError as e:
+                store.audit("cli", f"{action}.refused", {"package": str(args[-1]), "reason": str(e)})
+                raise
+
+        return cast(F, inner)
+
+    return wrap
+
+
+@_audited_refusal("model.install")
 def install_model(store: Store, models_dir: Path, package: Path) -> ModelRecord:
     """Check and install a model package; nothing changes unless every check passes."""
     onnx_path, card_path = _package_files(package)
@@ -183,6 +206,7 @@ def remove_model(store: Store, name: str, version: str) -> ModelRecord:
     return record
 
 
+@_audited_refusal("app.install")
 def install_app(store: Store, path: Path) -> AppRecord:
     manifest_path = path / "app.json" if path.is_dir() else path
     try:

@@ -37,6 +37,11 @@ def test_file_that_is_not_onnx_is_refused(make_daemon: DaemonFactory, models: di
     r = d.cli("models", "add", str(bad), check=False)
     assert r.returncode == 2
     assert "is not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
+    from appliance.store import Store
+
+    with Store(d.state_dir / "appliance.db") as store:
+        refused = [a for a in store.recent_audit(10) if a.action == "model.install.refused"]
+    assert refused and "not a valid ONNX model" in str(refused[0].detail["reason"]), "refusals are audited"
     listed = d.cli("models", "list").stdout
     assert "demo-gas-anomaly" in listed and "demo-detector" not in listed
 
