@@ -91,6 +91,36 @@ class RetentionSettings(_Section):
     prune_interval_s: float = Field(default=60.0, gt=0)
 
 
+class PartitionSettings(_Section):
+    """One slice of the machine served by one worker process (see docs/partitions.md)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    # "cpu", "cuda:N" (a whole GPU, or a soft slice with memory_mb/compute_percent) or "mig:<UUID>"
+    device: str = Field(pattern=r"^(cpu|cuda:[0-9]+|mig:[A-Za-z0-9-]+)$")
+    cores: list[int] | None = None  # CPU partitions: the cores the worker is pinned to (default: all left over)
+    memory_mb: int | None = Field(default=None, gt=0)  # GPU: memory cap (gpu_mem_limit); CPU: admission budget
+    compute_percent: int | None = Field(default=None, ge=1, le=100)  # soft GPU slice: MPS active thread percentage
+    tensorrt: bool = False  # GPU: try the TensorRT execution provider first (engines cached under state_dir)
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> PartitionSettings:
+        if self.device != "cpu" and self.cores is not None:
+            raise ValueError(f"partition {self.name}: cores apply to cpu partitions only")
+        if self.device == "cpu" and (self.compute_percent is not None or self.tensorrt):
+            raise ValueError(f"partition {self.name}: compute_percent and tensorrt apply to GPU partitions only")
+        if self.device.startswith("mig:") and self.compute_percent is not None:
+            raise ValueError(f"partition {self.name}: a MIG instance is already isolated; drop compute_percent")
+        if self.cores is not None and (not self.cores or len(set(self.cores)) != len(self.cores)):
+            raise ValueError(f"partition {self.name}: cores must be a non-empty list without repeats")
+        return self
+
+
+class HardwareSettings(_Section):
+    # Use this recorded inventory (JSON, the format `appliance hardware --json` prints) instead of asking the
+    # operating system and NVML: for planning a site offline, labs and tests.
+    inventory_file: Path | None = None
+
+
 class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
@@ -101,6 +131,18 @@ class Settings(_Section):
     ingest: IngestSettings = IngestSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     retention: RetentionSettings = RetentionSettings()
+    hardware: HardwareSettings = HardwareSettings()
+    # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
+    partitions: Literal["auto"] | list[PartitionSettings] = "auto"
+
+    @model_validator(mode="after")
+    def _unique_partition_names(self) -> Settings:
+        if isinstance(self.partitions, list):
+            names = [p.name for p in self.partitions]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"partition names must be unique: {', '.join(dupes)} declared more than once")
+        return self
 
     @property
     def db_path(self) -> Path:
