@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -24,11 +25,13 @@ from appliance.errors import ApplianceError
 from appliance.events import EventSink
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
-from appliance.ingest.ingest import Frame, Ingest
-from appliance.ingest.slots import LatestSlots
-from appliance.metrics import Metrics
+from appliance.ingest.ingest import Ingest
+from appliance.metrics import Metrics, PartitionSample
 from appliance.pipeline import Pipeline
+from appliance.runtime.deploy import placement_for
+from appliance.runtime.inventory import read_inventory
 from appliance.runtime.messages import WorkerConfig
+from appliance.runtime.partitions import PartitionPlan, plan_partitions, session_providers
 from appliance.runtime.supervisor import WorkerSupervisor
 from appliance.settings import Settings
 from appliance.stats import Stats
@@ -49,18 +52,18 @@ class Daemon:
         self.store: Store | None = None
         self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
         self.stats = Stats(s.ingest.source_silent_s)
-        self.worker = WorkerSupervisor(
-            WorkerConfig(partition="cpu", intra_op_threads=s.runtime.intra_op_threads,
-                         max_image_pixels=s.ingest.max_image_pixels),
-            s.runtime, on_change=self._wake)
-        self.metrics = Metrics(self.stats, lambda: [(self.worker.config.partition, self.worker.state,
-                                                     self.worker.restarts)])
+        self.inventory = read_inventory(s.hardware.inventory_file)
+        self.plans = plan_partitions(s.partitions, self.inventory, s.state_dir / "tensorrt-cache")
+        self.workers = {p.name: WorkerSupervisor(self._worker_config(p), s.runtime,
+                                                 on_change=functools.partial(self._worker_changed, p.name))
+                        for p in self.plans}
+        self.metrics = Metrics(self.stats, self._partition_metrics)
+        self.placement: dict[str, str] = {}
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
         self.mqtt = MqttClient(s.broker, client_id=f"appliance-{s.device_id}",
                                will=(self.status_topic, self._status_payload("offline")),
                                on_connection_change=self._on_connection)
-        self.slots: LatestSlots[Frame] = LatestSlots()
         self.events: EventSink | None = None
         self.pipeline: Pipeline | None = None
         self.ingest: Ingest | None = None
@@ -69,9 +72,28 @@ class Daemon:
         self._generation = -1
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _wake(self) -> None:
+    def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
+        providers = tuple((name, dict(options)) for name, options in session_providers(plan))
+        return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
+                            intra_op_threads=self.settings.runtime.intra_op_threads or plan.intra_op_threads,
+                            max_image_pixels=self.settings.ingest.max_image_pixels,
+                            max_batch=self.settings.runtime.max_batch,
+                            max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)
+
+    def _worker_changed(self, partition: str) -> None:
         if self.pipeline is not None:
-            self.pipeline.wake()
+            self.pipeline.on_worker_change(partition)
+
+    def _partition_metrics(self) -> list[PartitionSample]:
+        out = []
+        for plan in self.plans:
+            w = self.workers[plan.name]
+            lane = self.pipeline.lanes.get(plan.name) if self.pipeline else None
+            used = sum(m.memory_mb for m in w.models.values() if m.state == "ready")
+            out.append(PartitionSample(plan.name, w.state, w.restarts, used, plan.memory_mb,
+                                       lane.dispatched if lane else 0, len(lane.slots) if lane else 0,
+                                       w.inflight(), w.pid))
+        return out
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "device": self.settings.device_id, "version": __version__,
@@ -104,9 +126,10 @@ class Daemon:
         if self.broker is not None:
             self.broker.start()
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1))
-        self.pipeline = Pipeline(self.slots, self.worker, self.events, self.stats, self.metrics)
-        self.ingest = Ingest(self.mqtt, s, self.stats, self.slots, self.pipeline.accepts, self.pipeline.wake_threadsafe)
-        await self.worker.start()
+        self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue)
+        self.ingest = Ingest(self.mqtt, s, self.stats, self.pipeline.accepts, self.pipeline.offer)
+        for worker in self.workers.values():
+            await worker.start()
         await self.pipeline.start()
         await self._reload()
         await self._models_settled(MODELS_LOAD_WAIT_S)
@@ -129,13 +152,18 @@ class Daemon:
         """Wait until no model is loading any more, so the first frames are not refused for that."""
         changed = asyncio.Event()
         deadline = time.monotonic() + timeout
-        while any(m.state == "loading" for m in self.worker.models.values()) or self.worker.state == "starting":
+        def busy() -> bool:
+            return any(w.state == "starting" or any(m.state == "loading" for m in w.models.values())
+                       for w in self.workers.values())
+
+        while busy():
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("models still loading after %.0f s; serving what is ready", timeout)
                 return
             changed.clear()
-            self.worker.on_change_once(changed.set)
+            for worker in self.workers.values():
+                worker.on_change_once(changed.set)
             try:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
@@ -180,7 +208,8 @@ class Daemon:
             self.ingest.stop()
         if self.pipeline is not None:
             await self.pipeline.stop()
-        await self.worker.stop()
+        for worker in self.workers.values():
+            await worker.stop()
         await asyncio.get_running_loop().run_in_executor(
             None, self.mqtt.stop, (self.status_topic, self._status_payload("offline")))
         if self.broker is not None:
@@ -201,7 +230,12 @@ class Daemon:
             return
         apps, models = await loop.run_in_executor(None, lambda: (store.list_apps(), store.list_models()))
         self._generation = generation
-        pipeline.reload(apps, models)
+        measured = {k: m.memory_mb for w in self.workers.values() for k, m in w.models.items() if m.memory_mb}
+        placed = placement_for(apps, models, self.plans, self.settings.placement.pins, self.placement, measured)
+        for app, reason in placed.refused.items():
+            log.error("app %s is not placed: %s", app, reason)
+        self.placement = dict(placed.assignments)
+        pipeline.reload(apps, models, self.placement, placed.refused)
 
     async def _prune(self) -> None:
         if self.events is not None:
@@ -223,9 +257,23 @@ class Daemon:
             problems.append("embedded broker is down")
         if not self.mqtt.connected:
             problems.append(f"not connected to the MQTT broker at {self.settings.broker.host}:{self.settings.broker.port}")
-        if self.worker.state != "ready":
-            problems.append(f"worker {self.worker.config.partition} is {self.worker.state}")
+        for name, worker in self.workers.items():
+            if worker.state != "ready":
+                problems.append(f"worker {name} is {worker.state}")
         return (not problems, "; ".join(problems))
+
+    def _partition_status(self, plan: PartitionPlan) -> dict[str, Any]:
+        w = self.workers[plan.name]
+        expected = plan.providers[0][0]
+        fallback = [k for k, m in w.models.items() if m.state == "failed" and expected in m.reason]
+        return {"name": plan.name, "device": plan.device, "kind": plan.kind, "cores": list(plan.cores),
+                "memory_mb": plan.memory_mb, "compute_percent": plan.compute_percent, "provider": expected,
+                "env": plan.env, "worker": w.state,
+                "memory_used_mb": round(sum(m.memory_mb for m in w.models.values() if m.state == "ready"), 1),
+                "apps": sorted(a for a, p in self.placement.items() if p == plan.name),
+                "utilisation": None if plan.kind == "cpu" else "not reported per instance under MIG"
+                if plan.kind == "mig" else "from NVML (not read yet)",
+                "error": f"fell back from {expected}: {', '.join(fallback)}" if fallback else ""}
 
     def status(self) -> dict[str, Any]:
         s = self.settings
@@ -237,7 +285,6 @@ class Daemon:
             src["last_result"] = None if r is None else {
                 "ts": r.ts, "app": r.app, "detections": [d.to_json() for d in r.detections[:5]]}
         unknown_totals, unknown = self.stats.unknown_snapshot()
-        w = self.worker
         return {
             "device": s.device_id,
             "version": __version__,
@@ -245,11 +292,13 @@ class Daemon:
             "health": {"ok": ok, "reason": reason},
             "broker": {"mode": s.broker.mode, "host": s.broker.host, "port": s.broker.port,
                        "protocol": s.broker.mqtt_version, "connected": self.mqtt.connected},
-            "workers": [{"partition": w.config.partition, "state": w.state, "pid": w.pid, "restarts": w.restarts,
-                         "last_restart_reason": w.last_restart_reason, "inflight": s.runtime.max_inflight - w.capacity()
-                         if w.state == "ready" else 0}],
+            "partitions": [self._partition_status(p) for p in self.plans],
+            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "restarts": w.restarts,
+                         "last_restart_reason": w.last_restart_reason, "inflight": w.inflight()}
+                        for n, w in self.workers.items()],
             "models": [{"key": k, "state": m.state, "reason": m.reason, "providers": list(m.providers),
-                        "partition": w.config.partition} for k, m in sorted(w.models.items())],
+                        "partition": n, "memory_mb": round(m.memory_mb, 1)}
+                       for n, w in self.workers.items() for k, m in sorted(w.models.items())],
             "apps": self.pipeline.app_states() if self.pipeline else [],
             "sources": sources,
             "unknown_sources": {"rejected": unknown_totals, "recent": unknown},

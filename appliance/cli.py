@@ -76,14 +76,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plans(settings: Settings) -> Any:
+    from appliance.runtime.inventory import read_inventory
+    from appliance.runtime.partitions import plan_partitions
+
+    return plan_partitions(settings.partitions, read_inventory(settings.hardware.inventory_file),
+                           settings.state_dir / "tensorrt-cache")
+
+
+def cmd_hardware(args: argparse.Namespace) -> int:
+    from appliance.runtime.inventory import format_cores, format_inventory, read_inventory
+
+    settings = _settings(args)
+    inventory = read_inventory(settings.hardware.inventory_file)
+    if args.json:
+        print(json.dumps(inventory.to_json(), indent=2))
+        return 0
+    print(format_inventory(inventory))
+    print("\npartitions (" + ("auto" if settings.partitions == "auto" else "from settings") + "):")
+    for p in _plans(settings):
+        cores = f" cores {format_cores(p.cores)}" if p.cores else ""
+        mem = f" {p.memory_mb} MB" if p.memory_mb else ""
+        env = " ".join(f"{k}={v}" for k, v in p.env.items())
+        print(f"  {p.name:<10} {p.device:<14} {p.kind:<6}{cores}{mem} compute {p.compute_percent}%  "
+              f"{p.providers[0][0]} {env}")
+    return 0
+
+
 def cmd_apps(args: argparse.Namespace) -> int:
     from appliance import packages
 
     settings = _settings(args)
     with _store(settings) as store:
         if args.action == "add":
-            a = packages.install_app(store, Path(args.path))
+            a = packages.install_app(store, Path(args.path), _plans(settings), settings.placement.pins)
             print(f"installed app {a.name} {a.version} (model {a.model_name} {a.model_version})")
+        elif args.action == "rollback":
+            a = packages.rollback_app(store, args.name)
+            print(f"app {a.name} rolled back to {a.version} (model {a.model_name} {a.model_version})")
         elif args.action == "remove":
             store.remove_app(args.name)
             store.audit("cli", "app.remove", {"app": args.name})
@@ -130,15 +160,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"device {st['device']}  version {st['version']}  up {st['uptime_s']:.0f} s  health {health}")
     print(f"broker {b['mode']} {b['host']}:{b['port']} MQTT {b['protocol']}  "
           f"{'connected' if b['connected'] else 'NOT CONNECTED'}")
-    for w in st["workers"]:
-        extra = f"  last restart: {w['last_restart_reason']}" if w["restarts"] else ""
-        print(f"worker {w['partition']}: {w['state']}  pid {w['pid']}  restarts {w['restarts']}{extra}")
+    workers = {w["partition"]: w for w in st["workers"]}
+    print("\npartitions:")
+    for p in st["partitions"]:
+        w = workers[p["name"]]
+        limit = f"{p['memory_mb']} MB" if p["memory_mb"] else "no limit"
+        cores = f" cores {','.join(map(str, p['cores']))}" if p["cores"] else ""
+        print(f"  {p['name']:<10} {p['device']:<12}{cores}  {p['provider']:<24} worker {w['state']} pid {w['pid']} "
+              f"restarts {w['restarts']}  memory {p['memory_used_mb']:.0f} MB / {limit}  apps {', '.join(p['apps']) or '-'}")
+        if w["restarts"]:
+            print(f"             last restart: {w['last_restart_reason']}")
+        if p["error"]:
+            print(f"             ERROR: {p['error']}")
     print("\nmodels:")
     for m in st["models"] or [{"key": "(none loaded)", "state": "", "reason": "", "providers": []}]:
-        print(f"  {m['key']:<30} {m['state']:<12} {','.join(m['providers'])} {m['reason']}")
+        print(f"  {m['key']:<30} {m.get('partition', ''):<10} {m['state']:<12} {','.join(m['providers'])} {m['reason']}")
     print("\napps:")
-    for a in st["apps"] or [{"name": "(none)", "version": "", "model": "", "state": "", "reason": "", "events": 0}]:
-        print(f"  {a['name']:<20} {a['version']:<8} {a['model']:<28} {a['state']:<9} events {a['events']} {a['reason']}")
+    for a in st["apps"]:
+        print(f"  {a['name']:<20} {a['version']:<8} {a['model']:<28} on {a['partition'] or '-':<10} {a['state']:<9} "
+              f"events {a['events']} {a['reason']}")
+        if a["swap"]:
+            print(f"      {a['swap']}")
+    if not st["apps"]:
+        print("  (none)")
     print("\nsources:              fps rx/done/skip   received  processed  skipped  rejected")
     for s in st["sources"]:
         rejected = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "0"
@@ -183,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     aadd = asub.add_parser("add", help="install an app (app.json, or a folder holding it)")
     aadd.add_argument("path")
     asub.add_parser("list", help="list installed apps")
-    for action in ("remove", "enable", "disable"):
+    for action in ("remove", "enable", "disable", "rollback"):
         a = asub.add_parser(action, help=f"{action} an app")
         a.add_argument("name")
     apps.set_defaults(func=cmd_apps)
@@ -198,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="sources, rates, models and worker state of the running daemon")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    hw = sub.add_parser("hardware", help="CPU cores, GPUs and MIG devices, and the partitions planned on them")
+    hw.add_argument("--json", action="store_true")
+    hw.set_defaults(func=cmd_hardware)
 
     demo = sub.add_parser("demo", help="run the daemon with demo models, simulated cameras and a gas sensor")
     demo.set_defaults(func=cmd_demo)

@@ -6,7 +6,9 @@ record of them; latency histograms are observed as results come back.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,10 +19,34 @@ from appliance.stats import Stats
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionSample:
+    name: str
+    worker_state: str
+    restarts: int
+    memory_used_mb: float  # measured at model load, summed over the models loaded
+    memory_limit_mb: int | None
+    dispatched: int  # jobs handed to the worker
+    queued: int  # items waiting in the partition's latest-wins slots
+    inflight: int  # jobs the worker holds
+    pid: int | None = None
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class _StatsCollector(Collector):
-    def __init__(self, stats: Stats, workers: Callable[[], list[tuple[str, str, int]]]) -> None:
+    def __init__(self, stats: Stats, partitions: Callable[[], list[PartitionSample]]) -> None:
         self._stats = stats
-        self._workers = workers
+        self._partitions = partitions
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         received = CounterMetricFamily("appliance_frames_received", "Messages received per source", labels=["source", "kind"])
@@ -42,23 +68,44 @@ class _StatsCollector(Collector):
         events = CounterMetricFamily("appliance_events", "Events raised per app", labels=["app"])
         for app, n in self._stats.events_snapshot().items():
             events.add_metric([app], n)
-        restarts = CounterMetricFamily("appliance_worker_restarts", "Worker process restarts", labels=["partition"])
-        up = GaugeMetricFamily("appliance_worker_up", "1 when the partition's worker is serving", labels=["partition"])
-        for partition, state, n in self._workers():
-            restarts.add_metric([partition], n)
-            up.add_metric([partition], 1.0 if state == "ready" else 0.0)
-        yield from (received, processed, skipped, rejected, events, restarts, up)
+        p = ["partition"]
+        restarts = CounterMetricFamily("appliance_worker_restarts", "Worker process restarts", labels=p)
+        up = GaugeMetricFamily("appliance_worker_up", "1 when the partition's worker is serving", labels=p)
+        used = GaugeMetricFamily("appliance_partition_memory_used_bytes", "Memory the loaded models took", labels=p)
+        limit = GaugeMetricFamily("appliance_partition_memory_limit_bytes", "The partition's memory budget", labels=p)
+        jobs = CounterMetricFamily("appliance_partition_inferences", "Jobs handed to the partition's worker", labels=p)
+        queued = GaugeMetricFamily("appliance_partition_queue_depth", "Items waiting in the partition's slots", labels=p)
+        inflight = GaugeMetricFamily("appliance_partition_inflight", "Jobs the worker holds", labels=p)
+        cpu = CounterMetricFamily("appliance_partition_cpu_seconds", "CPU time of the partition's worker process "
+                                  "(rate / cores = utilisation of a CPU partition)", labels=p)
+        for s in self._partitions():
+            restarts.add_metric([s.name], s.restarts)
+            up.add_metric([s.name], 1.0 if s.worker_state == "ready" else 0.0)
+            used.add_metric([s.name], s.memory_used_mb * 1024 * 1024)
+            if s.memory_limit_mb is not None:
+                limit.add_metric([s.name], s.memory_limit_mb * 1024 * 1024)
+            jobs.add_metric([s.name], s.dispatched)
+            queued.add_metric([s.name], s.queued)
+            inflight.add_metric([s.name], s.inflight)
+            seconds = _cpu_seconds(s.pid)
+            if seconds is not None:
+                cpu.add_metric([s.name], seconds)
+        yield from (received, processed, skipped, rejected, events, restarts, up, used, limit, jobs, queued,
+                    inflight, cpu)
 
 
 class Metrics:
-    def __init__(self, stats: Stats, workers: Callable[[], list[tuple[str, str, int]]]) -> None:
+    def __init__(self, stats: Stats, partitions: Callable[[], list[PartitionSample]]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(stats, workers))
+        self.registry.register(_StatsCollector(stats, partitions))
         self.inference = Histogram(
-            "appliance_inference_seconds", "Preprocess + inference + output decoding per model, in the worker",
+            "appliance_inference_seconds", "Inference + output decoding per model run (a batch's wall time), in the worker",
             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.decode = Histogram(
             "appliance_decode_seconds", "Image decoding in the worker", buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram(
+            "appliance_batch_size", "Per frame: how many frames ran with it in one model run", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.pipeline = Histogram(
             "appliance_pipeline_seconds", "Arrival of a message to its result (queueing + decode + inference)",
             ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -14,12 +14,15 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from appliance.errors import InstallError
+from appliance.runtime.deploy import admit_app
+from appliance.runtime.partitions import PartitionPlan
+from appliance.runtime.placement import AdmissionError
 from appliance.store import AppRecord, ModelRecord, Store, StoreError
 from formats import AppManifest, FormatError, ModelCard
 from formats.model_card import BoxesOutput, ClassificationOutput, ImageInput, YoloOutput
@@ -144,7 +147,8 @@ def _audited_refusal(action: str) -> Callable[[F], F]:
             try:
                 return fn(store, *args)
             except InstallError as e:
-                store.audit("cli", f"{action}.refused", {"package": str(args[-1]), "reason": str(e)})
+                package = args[1] if action == "model.install" else args[0]  # (models_dir, package) or (path, ...)
+                store.audit("cli", f"{action}.refused", {"package": str(package), "reason": str(e)})
                 raise
 
         return cast(F, inner)
@@ -207,12 +211,32 @@ def remove_model(store: Store, name: str, version: str) -> ModelRecord:
 
 
 @_audited_refusal("app.install")
-def install_app(store: Store, path: Path) -> AppRecord:
+def install_app(store: Store, path: Path, plans: list[PartitionPlan] | None = None,
+                pins: Mapping[str, str] | None = None) -> AppRecord:
+    """Check and install (or upgrade) an app; with ``plans``, refuse it unless it fits in the partitions."""
     manifest_path = path / "app.json" if path.is_dir() else path
     try:
         manifest = AppManifest.load(manifest_path)
     except FormatError as e:
         raise InstallError(f"app manifest refused:\n{e}") from e
+    return _install_manifest(store, manifest, plans, pins or {})
+
+
+def rollback_app(store: Store, name: str) -> AppRecord:
+    """Reinstall the manifest the app had before its last upgrade (the daemon swaps to it without a gap)."""
+    current = store.get_app(name)
+    if current is None:
+        raise InstallError(f"no app named {name!r} is installed (see: appliance apps list)")
+    if current.previous_manifest_json is None:
+        raise InstallError(f"app {name} has no previous version to roll back to")
+    manifest = AppManifest.parse(current.previous_manifest_json.encode(), f"previous manifest of {name}")
+    record = _install_manifest(store, manifest, None, {})
+    store.audit("cli", "app.rollback", {"app": name, "from": current.version, "to": manifest.version})
+    return record
+
+
+def _install_manifest(store: Store, manifest: AppManifest, plans: list[PartitionPlan] | None,
+                      pins: Mapping[str, str]) -> AppRecord:
     model = store.get_model(manifest.model.name, manifest.model.version)
     if model is None:
         raise InstallError(f"app {manifest.key} needs model {manifest.model.key}, which is not installed; "
@@ -227,6 +251,11 @@ def install_app(store: Store, path: Path) -> AppRecord:
     if unknown:
         raise InstallError(f"app {manifest.key}: rules name labels the model does not have: {', '.join(sorted(unknown))} "
                            f"(model labels: {', '.join(card.labels) or 'anomaly'})")
+    if plans is not None:
+        try:
+            admit_app(manifest, store.list_apps(), store.list_models(), plans, pins)
+        except AdmissionError as e:
+            raise InstallError(str(e)) from e
     try:
         store.add_app(manifest.to_json(), manifest.name, manifest.version, manifest.model.name, manifest.model.version)
     except StoreError as e:

@@ -1,9 +1,15 @@
-"""From slots to events: fair dispatch to the partition worker, rules on the results, events out.
+"""From ingest to events: per-partition lanes with fair dispatch, rules on the results, events out.
 
-The dispatcher takes one pending item at a time in round-robin order over sources (see
-:mod:`appliance.ingest.slots`) whenever the worker has room, so a busy camera cannot starve the
-others and nothing queues without bound: under overload, frames wait in their latest-wins slot and
-older ones are dropped and counted.
+Each partition is a *lane*: its worker, latest-wins slots per source and a dispatcher that takes one
+item at a time in round-robin order over sources whenever the worker has room. So a busy camera cannot
+starve the others, nothing queues without bound, and under overload older frames are dropped and
+counted. A message whose apps run in several partitions goes into each of their lanes; a *ticket*
+settles it exactly once (processed if any lane served it), so ``received = processed + skipped +
+rejected`` holds per source.
+
+A new model version for an app is loaded beside the old one in the same partition; the app switches
+to it only once it is loaded and warmed up, and the old version is unloaded after the jobs already
+handed to the worker, so a swap loses no frame and fails no inference.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from appliance.events import EventSink
 from appliance.ingest.client import topic_matches
@@ -30,12 +37,19 @@ from formats import AppManifest
 
 log = logging.getLogger(__name__)
 
+Outcome = Literal["processed", "skipped", "rejected"]
+
 
 @dataclass(slots=True)
 class ActiveApp:
     manifest: AppManifest
     engine: RuleEngine
     enabled: bool
+    spec: ModelSpec | None  # None: the model is not installed
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
 
     @property
     def model_key(self) -> str:
@@ -49,27 +63,47 @@ class LastResult:
     detections: tuple[Detection, ...]
 
 
+@dataclass(slots=True)
+class Ticket:
+    """One received message on its way through ``remaining`` lanes."""
+
+    frame: Frame
+    remaining: int
+    processed: bool = False
+    skipped: bool = False
+    rejection: tuple[str, str] | None = None
+
+
+@dataclass
+class Lane:
+    """One partition: its worker, its slots and its dispatcher."""
+
+    name: str
+    worker: WorkerSupervisor
+    slots: LatestSlots[Ticket] = field(default_factory=LatestSlots)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    wake_lock: threading.Lock = field(default_factory=threading.Lock)
+    wake_scheduled: bool = False
+    dispatched: int = 0
+
+
 class Pipeline:
-    def __init__(
-        self,
-        slots: LatestSlots[Frame],
-        worker: WorkerSupervisor,
-        events: EventSink,
-        stats: Stats,
-        metrics: Metrics,
-    ) -> None:
-        self._slots = slots
-        self._worker = worker
+    def __init__(self, workers: dict[str, WorkerSupervisor], events: EventSink, stats: Stats,
+                 metrics: Metrics, telemetry_slots: int = 16) -> None:
+        self._telemetry_slots = telemetry_slots  # samples kept per sensor while its lane is busy
+        self.lanes = {name: Lane(name, w) for name, w in workers.items()}
         self._events = events
         self._stats = stats
         self._metrics = metrics
         self._apps: dict[str, ActiveApp] = {}
+        self._incoming: dict[str, ActiveApp] = {}  # apps waiting for their new model version to load
+        self.swap_notes: dict[str, str] = {}  # app -> what happened to its last swap
         self._routes: tuple[tuple[str, str], ...] = ()  # (topic filter, app name); swapped whole, read anywhere
+        self._placement: dict[str, str] = {}  # app -> partition; swapped whole
+        self.unplaced: dict[str, str] = {}  # app -> why it is not placed
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._event = asyncio.Event()
-        self._wake_lock = threading.Lock()
-        self._wake_scheduled = False
-        self._task: asyncio.Task[None] | None = None
+        self._ticket_lock = threading.Lock()
         self._inflight: set[asyncio.Task[None]] = set()
         self.last_results: dict[str, LastResult] = {}
         self._log = ThrottledLog(log)
@@ -79,97 +113,178 @@ class Pipeline:
     def accepts(self, topic: str) -> bool:
         return any(topic_matches(f, topic) for f, _ in self._routes)
 
-    def _apps_for(self, topic: str) -> list[ActiveApp]:
-        names = {name for f, name in self._routes if topic_matches(f, topic)}
-        return [self._apps[n] for n in sorted(names) if n in self._apps]
+    def _apps_for(self, topic: str) -> list[str]:
+        return sorted({name for f, name in self._routes if topic_matches(f, topic)})
+
+    def offer(self, frame: Frame) -> None:
+        """Hand a received message to the lanes of the partitions its apps run in (any thread)."""
+        placement = self._placement
+        lanes = sorted({placement[a] for a in self._apps_for(frame.topic) if a in placement})
+        if not lanes:
+            why = "; ".join(f"{a}: {self.unplaced.get(a, 'not placed')}" for a in self._apps_for(frame.topic))
+            self._reject(frame, "not_placed", f"no partition serves its apps ({why})")
+            return
+        ticket = Ticket(frame, remaining=len(lanes))
+        for name in lanes:
+            lane = self.lanes[name]
+            dropped = lane.slots.put(frame.source, ticket, 1 if frame.kind == "camera" else self._telemetry_slots)
+            if dropped is not None:
+                self._settle(dropped, "skipped")
+            self._wake_threadsafe(lane)
 
     # configuration
 
-    def reload(self, apps: list[AppRecord], models: list[ModelRecord]) -> None:
-        """Serve exactly these apps: load their models in the worker and route their sources."""
-        by_key = {f"{m.name}@{m.version}": m for m in models}
-        active: dict[str, ActiveApp] = {}
+    def reload(self, apps: list[AppRecord], models: list[ModelRecord], placement: dict[str, str],
+               unplaced: dict[str, str]) -> None:
+        """Serve exactly these apps in these partitions; an app whose model changes is swapped without a gap."""
+        by_key = {m.key: m for m in models}
+        serving: dict[str, ActiveApp] = {}
+        incoming: dict[str, ActiveApp] = {}
         for rec in apps:
             manifest = AppManifest.parse(rec.manifest_json.encode(), f"app {rec.name}")
+            m = by_key.get(manifest.model.key)
+            spec = ModelSpec(manifest.model.key, m.path, m.sha256, m.card_json) if m else None
             old = self._apps.get(rec.name)
-            engine = old.engine if old is not None and old.manifest == manifest else RuleEngine(manifest)
-            active[rec.name] = ActiveApp(manifest, engine, rec.enabled)
-        specs: dict[str, ModelSpec] = {}
-        for app in active.values():
-            m = by_key.get(app.model_key)
-            if app.enabled and m is not None:
-                specs[app.model_key] = ModelSpec(app.model_key, m.path, m.sha256, m.card_json)
-        self._worker.set_models(specs)
-        self._apps = active
-        self._routes = tuple((f, a.manifest.name) for a in active.values() if a.enabled for f in a.manifest.sources)
-        log.info("serving %d app(s): %s", sum(a.enabled for a in active.values()),
-                 ", ".join(f"{a.manifest.key}{'' if a.enabled else ' (disabled)'}" for a in active.values()) or "none")
+            if old is not None and old.manifest == manifest:
+                old.enabled, old.spec = rec.enabled, spec
+                serving[rec.name] = old
+                continue
+            new = ActiveApp(manifest, RuleEngine(manifest), rec.enabled, spec)
+            pending = self._incoming.get(rec.name)
+            if pending is not None and pending.manifest == manifest:
+                new = pending
+            if (old is not None and old.enabled and rec.enabled and old.model_key != new.model_key
+                    and self._model_state(old) == "ready" and placement.get(rec.name) == self._placement.get(rec.name)):
+                serving[rec.name] = old  # keeps serving until the new version is ready
+                incoming[rec.name] = new
+                self.swap_notes[rec.name] = f"loading {new.model_key} beside {old.model_key}"
+                log.info("app %s: loading %s beside %s for a hot swap", rec.name, new.model_key, old.model_key)
+            else:
+                serving[rec.name] = new
+        self._apps, self._incoming = serving, incoming
+        self._placement = {a: p for a, p in placement.items() if a in serving and serving[a].enabled}
+        self.unplaced = dict(unplaced)
+        self._routes = tuple((f, a.name) for a in serving.values() if a.enabled for f in a.manifest.sources)
+        self._apply_models()
+        log.info("serving %d app(s): %s", len(self._placement),
+                 ", ".join(f"{a.manifest.key} on {self._placement.get(a.name, '-')}"
+                           f"{'' if a.enabled else ' (disabled)'}" for a in serving.values()) or "none")
+
+    def _apply_models(self) -> None:
+        wanted: dict[str, dict[str, ModelSpec]] = {name: {} for name in self.lanes}
+        for group in (self._apps, self._incoming):
+            for app in group.values():
+                lane = self._placement.get(app.name)
+                if app.enabled and app.spec is not None and lane in wanted:
+                    wanted[lane][app.model_key] = app.spec
+        for name, specs in wanted.items():
+            self.lanes[name].worker.set_models(specs)
+
+    def _model_state(self, app: ActiveApp) -> str:
+        lane = self.lanes.get(self._placement.get(app.name, ""))
+        state = lane.worker.models.get(app.model_key) if lane else None
+        return state.state if state else "absent"
+
+    def on_worker_change(self, partition: str) -> None:
+        """A worker's state or capacity changed (event loop): finish swaps, dispatch."""
+        if self._incoming:
+            self._advance_swaps()
+        lane = self.lanes.get(partition)
+        if lane is not None:
+            lane.event.set()
+
+    def _advance_swaps(self) -> None:
+        changed = False
+        for name, new in list(self._incoming.items()):
+            old = self._apps[name]
+            state = self._model_state(new)
+            if state == "ready":
+                self._apps[name] = new
+                del self._incoming[name]
+                self.swap_notes[name] = f"swapped {old.model_key} -> {new.model_key} at {time.strftime('%H:%M:%S')}"
+                log.info("app %s now runs %s (was %s)", name, new.model_key, old.model_key)
+                changed = True
+            elif state in ("failed", "quarantined"):
+                del self._incoming[name]
+                lane = self.lanes[self._placement[name]]
+                reason = lane.worker.models[new.model_key].reason
+                self.swap_notes[name] = f"swap to {new.model_key} failed ({reason}); still running {old.model_key}"
+                log.error("app %s: %s", name, self.swap_notes[name])
+                changed = True
+        if changed:
+            self._apply_models()
 
     def app_states(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
+        events = self._stats.events_snapshot()
         for app in self._apps.values():
-            model = self._worker.models.get(app.model_key)
+            partition = self._placement.get(app.name)
+            lane = self.lanes.get(partition or "")
+            model = lane.worker.models.get(app.model_key) if lane else None
             if not app.enabled:
                 state, reason = "disabled", "disabled by an operator"
-            elif self._worker.state != "ready":
-                state, reason = "degraded", f"worker {self._worker.config.partition} is {self._worker.state}"
-            elif model is None:
+            elif lane is None:
+                state, reason = "not placed", self.unplaced.get(app.name, "no partition")
+            elif app.spec is None:
                 state, reason = "degraded", f"model {app.model_key} is not installed"
-            elif model.state != "ready":
-                state, reason = "degraded", f"model {app.model_key} is {model.state}" + (
-                    f": {model.reason}" if model.reason else "")
+            elif lane.worker.state != "ready":
+                state, reason = "degraded", f"worker {lane.name} is {lane.worker.state}"
+            elif model is None or model.state != "ready":
+                what = model.state if model else "not loaded"
+                state, reason = "degraded", f"model {app.model_key} is {what}" + (
+                    f": {model.reason}" if model and model.reason else "")
             else:
                 state, reason = "serving", ""
-            out.append({"name": app.manifest.name, "version": app.manifest.version, "model": app.model_key,
-                        "sources": list(app.manifest.sources), "state": state, "reason": reason,
-                        "events": self._stats.events_snapshot().get(app.manifest.name, 0)})
+            out.append({"name": app.name, "version": app.manifest.version, "model": app.model_key,
+                        "partition": partition, "sources": list(app.manifest.sources), "state": state,
+                        "reason": reason, "swap": self.swap_notes.get(app.name, ""),
+                        "events": events.get(app.name, 0)})
         return out
 
     # lifecycle
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
+        for lane in self.lanes.values():
+            lane.task = asyncio.create_task(self._run(lane), name=f"dispatch-{lane.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for lane in self.lanes.values():
+            if lane.task:
+                lane.task.cancel()
+                try:
+                    await lane.task
+                except asyncio.CancelledError:
+                    pass
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
 
-    def wake_threadsafe(self) -> None:
-        """Ask the dispatcher to look at the slots; coalesced, so a flood makes one wake-up."""
+    def _wake_threadsafe(self, lane: Lane) -> None:
+        """Ask a lane's dispatcher to look at its slots; coalesced, so a flood makes one wake-up."""
         loop = self._loop
         if loop is None:
             return
-        with self._wake_lock:
-            if self._wake_scheduled:
+        with lane.wake_lock:
+            if lane.wake_scheduled:
                 return
-            self._wake_scheduled = True
-        loop.call_soon_threadsafe(self._woken)
+            lane.wake_scheduled = True
+        loop.call_soon_threadsafe(self._woken, lane)
 
-    def _woken(self) -> None:
-        with self._wake_lock:
-            self._wake_scheduled = False
-        self._event.set()
+    @staticmethod
+    def _woken(lane: Lane) -> None:
+        with lane.wake_lock:
+            lane.wake_scheduled = False
+        lane.event.set()
 
-    def wake(self) -> None:
-        """From the event loop."""
-        self._event.set()
-
-    async def _run(self) -> None:
+    async def _run(self, lane: Lane) -> None:
         while True:
-            await self._event.wait()
-            self._event.clear()
-            while self._worker.capacity() > 0:
-                item = self._slots.take()
+            await lane.event.wait()
+            lane.event.clear()
+            while lane.worker.capacity() > 0:
+                item = lane.slots.take()
                 if item is None:
                     break
-                self._dispatch(item[1])
+                self._dispatch(lane, item[1])
 
     # one item
 
@@ -177,52 +292,77 @@ class Pipeline:
         self._stats.rejected(frame.source, frame.kind, reason, detail)
         self._log.warning((frame.source, reason), "%s %s rejected (%s): %s", frame.kind, frame.source, reason, detail)
 
-    def _dispatch(self, frame: Frame) -> None:
-        apps = [a for a in self._apps_for(frame.topic) if a.enabled]
-        ready = self._worker.ready_models()
+    def _settle(self, ticket: Ticket, outcome: Outcome, reason: tuple[str, str] | None = None) -> None:
+        with self._ticket_lock:
+            ticket.remaining -= 1
+            if outcome == "processed":
+                ticket.processed = True
+            elif outcome == "rejected" and ticket.rejection is None:
+                ticket.rejection = reason
+            done = ticket.remaining == 0
+        if not done:
+            return
+        frame = ticket.frame
+        if ticket.processed:
+            self._stats.processed(frame.source, frame.kind)
+        elif ticket.rejection is not None:
+            self._reject(frame, *ticket.rejection)
+        else:
+            self._stats.skipped(frame.source, frame.kind)
+
+    def _dispatch(self, lane: Lane, ticket: Ticket) -> None:
+        frame = ticket.frame
+        placement = self._placement
+        apps = [self._apps[a] for a in self._apps_for(frame.topic) if placement.get(a) == lane.name and a in self._apps]
+        ready = lane.worker.ready_models()
         models = tuple(sorted({a.model_key for a in apps if a.model_key in ready}))
         if not models:
-            why = "; ".join(f"{s['model']}: {s['reason']}" for s in self.app_states()
-                            if s["name"] in {a.manifest.name for a in apps}) or "no app serves it any more"
-            self._reject(frame, "model_unavailable", why)
+            states = {str(s["name"]): s for s in self.app_states()}
+            why = "; ".join(f"{a.name}: {states[a.name]['reason']}" for a in apps if a.name in states)
+            self._settle(ticket, "rejected", ("model_unavailable", why or "no app serves it any more"))
             return
         if frame.kind == "camera":
-            fut = self._worker.submit_image(models, frame.data)
+            fut = lane.worker.submit_image(models, frame.data)
         else:
-            fut = self._worker.submit_vector(models, frame.values or {})
-        task = asyncio.create_task(self._complete(frame, apps, fut))
+            fut = lane.worker.submit_vector(models, frame.values or {})
+        lane.dispatched += 1
+        task = asyncio.create_task(self._complete(ticket, apps, fut))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _complete(self, frame: Frame, apps: list[ActiveApp], fut: asyncio.Future[JobDone]) -> None:
+    async def _complete(self, ticket: Ticket, apps: list[ActiveApp], fut: asyncio.Future[JobDone]) -> None:
+        frame = ticket.frame
         try:
             done = await fut
         except WorkerLost as e:
-            self._reject(frame, "worker_lost", str(e))
+            self._settle(ticket, "rejected", ("worker_lost", str(e)))
             return
         if done.rejected is not None:
-            self._reject(frame, *done.rejected)
+            self._settle(ticket, "rejected", done.rejected)
             return
         if not done.results:
-            self._reject(frame, "inference_error", "; ".join(f"{k}: {v}" for k, v in done.errors.items()))
+            self._settle(ticket, "rejected", ("inference_error", "; ".join(f"{k}: {v}" for k, v in done.errors.items())))
             return
         for key, err in done.errors.items():
             self._log.warning((frame.source, key), "model %s failed on %s %s: %s", key, frame.kind, frame.source, err)
-        self._stats.processed(frame.source, frame.kind)
+        self._settle(ticket, "processed")
         if frame.kind == "camera":
             self._metrics.decode.observe(done.decode_s)
         for key, seconds in done.infer_s.items():
             self._metrics.inference.labels(key).observe(seconds)
+        for key, size in done.batch.items():
+            self._metrics.batch.labels(key).observe(size)
         self._metrics.pipeline.labels(frame.kind).observe(time.time() - frame.arrived)
         for app in apps:
             detections = done.results.get(app.model_key)
             if detections is None:
                 continue
-            self.last_results[frame.source] = LastResult(frame.captured, app.manifest.name, tuple(detections))
+            self.last_results[frame.source] = LastResult(frame.captured, app.name, tuple(detections))
             for firing in app.engine.evaluate(frame.source, detections, frame.captured):
                 try:
                     await self._events.emit(firing, frame, detections)
                 except Exception:  # an event that cannot be stored must not stop the pipeline
-                    log.exception("could not record the event of app %s on %s", app.manifest.name, frame.source)
+                    log.exception("could not record the event of app %s on %s", app.name, frame.source)
                     continue
-                self._stats.event(app.manifest.name)
+                self._stats.event(app.name)
+

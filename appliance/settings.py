@@ -79,10 +79,15 @@ class IngestSettings(_Section):
 class RuntimeSettings(_Section):
     max_inflight: int = Field(default=2, ge=1)  # jobs handed to a worker before it answers
     inference_timeout_s: float = Field(default=10.0, gt=0)  # a job running longer gets its worker killed
+    load_timeout_s: float = Field(default=300.0, gt=0)  # loading + warming up one model (TensorRT builds are slow)
     restart_backoff_min_s: float = Field(default=0.5, gt=0)
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     strikes_before_quarantine: int = Field(default=3, ge=1)  # hangs/crashes of one model before it is stopped
     intra_op_threads: int = Field(default=0, ge=0)  # 0: all cores the worker may use
+    # dynamic batching: up to max_batch frames for one model run together (models with a dynamic first axis);
+    # the worker waits at most max_batch_delay_ms for a batch to fill. 1 turns it off (the default on CPUs).
+    max_batch: int = Field(default=1, ge=1, le=64)
+    max_batch_delay_ms: float = Field(default=2.0, ge=0)
 
 
 class RetentionSettings(_Section):
@@ -121,6 +126,10 @@ class HardwareSettings(_Section):
     inventory_file: Path | None = None
 
 
+class PlacementSettings(_Section):
+    pins: dict[str, str] = Field(default_factory=dict)  # app name -> partition name it must run in
+
+
 class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
@@ -132,6 +141,7 @@ class Settings(_Section):
     runtime: RuntimeSettings = RuntimeSettings()
     retention: RetentionSettings = RetentionSettings()
     hardware: HardwareSettings = HardwareSettings()
+    placement: PlacementSettings = PlacementSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
 

@@ -3,7 +3,7 @@
 Each format is declared once here and imported by both sides; nothing re-declares them.
 """
 
-from formats.app_manifest import AppManifest, Debounce, ModelRef, Rule
+from formats.app_manifest import AppManifest, Debounce, ModelRef, Resources, Rule
 from formats.errors import FormatError
 from formats.model_card import (
     BoxesOutput,
@@ -24,6 +24,7 @@ __all__ = [
     "ImageInput",
     "ModelCard",
     "ModelRef",
+    "Resources",
     "Rule",
     "ScoreOutput",
     "VectorInput",

@@ -72,6 +72,14 @@ class Rule(_Strict):
         return zone
 
 
+class Resources(_Strict):
+    """What the app asks of its partition; unset values are taken from the model card or measured at load."""
+
+    memory_mb: int | None = Field(default=None, gt=0)  # resident memory of the model session
+    compute_percent: int = Field(default=0, ge=0, le=100)  # share of the partition's compute it needs
+    prefers_gpu: bool = True
+
+
 class AppManifest(_Strict):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     name: str = Field(pattern=NAME_PATTERN)
@@ -80,6 +88,7 @@ class AppManifest(_Strict):
     model: ModelRef
     sources: list[str] = Field(min_length=1)  # MQTT topic filters, e.g. "cameras/+/frame"
     rules: list[Rule] = Field(min_length=1)
+    resources: Resources = Resources()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -38,6 +38,7 @@ from formats.model_card import (
 __all__ = [
     "build_all",
     "build_anomaly",
+    "build_batch_classifier",
     "build_boxes_detector",
     "build_classifier",
     "build_detector",
@@ -84,8 +85,8 @@ def _save(out_dir: Path, graph: onnx.GraphProto, card: ModelCard) -> Path:
     return out_dir
 
 
-def _image_input(name: str, size: int) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, size, size])
+def _image_input(name: str, size: int, batch: int | str = 1) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, 3, size, size])
 
 
 def _anchor_nodes() -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
@@ -283,18 +284,26 @@ def _classifier_card(name: str, description: str) -> ModelCard:
     )
 
 
-def build_classifier(out_dir: Path) -> Path:
-    """``demo-classifier``: the dominant colour of the image, ``logits`` ``[1, 3]`` for red, green, blue."""
+def build_classifier(out_dir: Path, name: str = "demo-classifier", batch: int | str = 1) -> Path:
+    """``demo-classifier``: the dominant colour of the image, ``logits`` ``[batch, 3]`` for red, green, blue.
+
+    With a symbolic ``batch`` (e.g. ``"N"``) the appliance can run several frames through it at once.
+    """
     nodes, inits = _colour_logits()
     nodes.append(helper.make_node("Identity", ["colour_logits"], ["logits"]))
     graph = helper.make_graph(
         nodes,
         "demo_classifier",
-        [_image_input("input", 64)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+        [_image_input("input", 64, batch)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])],
         inits,
     )
-    return _save(out_dir, graph, _classifier_card("demo-classifier", "Dominant colour of the frame."))
+    return _save(out_dir, graph, _classifier_card(name, "Dominant colour of the frame."))
+
+
+def build_batch_classifier(out_dir: Path) -> Path:
+    """``demo-classifier-batch``: the classifier with a dynamic first axis, for dynamic batching."""
+    return build_classifier(out_dir, "demo-classifier-batch", "N")
 
 
 def build_anomaly(out_dir: Path) -> Path:
@@ -329,9 +338,11 @@ def build_anomaly(out_dir: Path) -> Path:
 
 
 def build_hang_model(out_dir: Path) -> Path:
-    """``demo-hang``: a colour classifier whose logits go through a Loop of 2**62 steps, so a run never ends.
+    """``demo-hang``: a colour classifier whose logits go through a Loop of 2**62 steps on any real frame.
 
-    For testing the worker watchdog. The loop depends on the input, so no optimiser can fold it at load.
+    For testing the worker watchdog. The loop runs only when some pixel is above zero, so the model loads and
+    warms up (on zeros) like a healthy one and hangs on the first real frame; it depends on the input, so no
+    optimiser can fold it at load.
     """
     nodes, inits = _colour_logits()
     body = helper.make_graph(
@@ -351,7 +362,11 @@ def build_hang_model(out_dir: Path) -> Path:
         ],
         [_const("step", 0.0)],
     )
-    inits += [_const("trip_count", HANG_TRIP_COUNT, np.int64), _const("keep_going", True, np.bool_)]
+    inits += [_const("trip_count", HANG_TRIP_COUNT, np.int64), _const("zero", 0.0)]
+    nodes += [
+        helper.make_node("ReduceMax", ["input"], ["brightest"], keepdims=0),
+        helper.make_node("Greater", ["brightest", "zero"], ["keep_going"]),
+    ]
     nodes.append(helper.make_node("Loop", ["trip_count", "keep_going", "colour_logits"], ["logits"], body=body))
     graph = helper.make_graph(
         nodes,
@@ -367,6 +382,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "demo-detector": build_detector,
     "demo-boxes": build_boxes_detector,
     "demo-classifier": build_classifier,
+    "demo-classifier-batch": build_batch_classifier,
     "demo-gas-anomaly": build_anomaly,
     "demo-hang": build_hang_model,
 }

@@ -1,4 +1,4 @@
-"""MQTT in: camera frames and sensor telemetry, checked cheaply and put into latest-wins slots.
+"""MQTT in: camera frames and sensor telemetry, checked cheaply and handed on.
 
 Runs on the MQTT client's network thread and does only bounded work there (topic parsing, size and
 format checks, JSON for telemetry); decoding happens in the partition worker. A message that is
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.ingest.client import MqttClient, ReceiveMessage
-from appliance.ingest.slots import LatestSlots
 from appliance.logs import ThrottledLog
 from appliance.runtime.processing import sniff_image
 from appliance.settings import Settings
@@ -82,16 +81,14 @@ class Ingest:
         client: MqttClient,
         settings: Settings,
         stats: Stats,
-        slots: LatestSlots[Frame],
         accepts: Callable[[str], bool],
-        wake: Callable[[], None],
+        offer: Callable[[Frame], None],
     ) -> None:
         self._client = client
         self._settings = settings
         self._stats = stats
         self._accepts = accepts  # does an enabled app listen to this topic?
-        self._wake = wake
-        self.slots = slots
+        self._offer = offer  # hands a checked message on (to the partitions' latest-wins slots)
         self._unsubscribe: list[Callable[[], None]] = []
         self._log = ThrottledLog(log)
 
@@ -126,11 +123,6 @@ class Ingest:
         self._stats.received(source, kind, msg.received)
         return source
 
-    def _put(self, frame: Frame, capacity: int) -> None:
-        dropped = self.slots.put(frame.source, frame, capacity)
-        if dropped is not None:
-            self._stats.skipped(frame.source, frame.kind)
-        self._wake()
 
     def _on_frame(self, msg: ReceiveMessage) -> None:
         source = self._source(msg, "camera")
@@ -156,7 +148,7 @@ class Ingest:
                     captured = value
             except ValueError:
                 pass
-        self._put(Frame(source, "camera", msg.topic, msg.received, captured, data=msg.payload), 1)
+        self._offer(Frame(source, "camera", msg.topic, msg.received, captured, data=msg.payload))
 
     def _on_telemetry(self, msg: ReceiveMessage) -> None:
         source = self._source(msg, "sensor")
@@ -168,7 +160,6 @@ class Ingest:
             self.reject(source, "sensor", e.reason, e.detail)
             return
         self._stats.values(source, values)
-        self._put(Frame(source, "sensor", msg.topic, msg.received, ts or msg.received, values=values),
-                  self._settings.ingest.telemetry_queue)
+        self._offer(Frame(source, "sensor", msg.topic, msg.received, ts or msg.received, values=values))
 
 

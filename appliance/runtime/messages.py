@@ -12,10 +12,19 @@ class WorkerConfig:
     """How a worker process is set up; one worker serves one partition."""
 
     partition: str = "cpu"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # ONNX Runtime providers with their options, in order of preference
+    providers: tuple[tuple[str, dict[str, str]], ...] = (("CPUExecutionProvider", {}),)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, set before ONNX Runtime loads
     cores: tuple[int, ...] = ()  # CPU cores the process is pinned to; empty: all it was given
     intra_op_threads: int = 0  # 0: one per core
     max_image_pixels: int = 40_000_000
+    max_batch: int = 1  # frames run through a model at once where its first axis is dynamic
+    max_batch_delay_s: float = 0.002  # how long the worker waits for more frames to fill a batch
+
+    @property
+    def expected_provider(self) -> str:
+        """What every session must report first; anything else means a silent fallback (an error)."""
+        return self.providers[0][0]
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +80,8 @@ class Ready:
 class Loaded:
     key: str
     providers: tuple[str, ...]
-    load_ms: float
+    load_ms: float  # loading and one warm-up run
+    memory_mb: float  # resident memory the worker grew by while loading (a measure for placement)
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +100,7 @@ class JobDone:
     rejected: tuple[str, str] | None = None
     decode_s: float = 0.0
     infer_s: dict[str, float] = field(default_factory=dict)  # per model: preprocess + run + decode outputs
+    batch: dict[str, int] = field(default_factory=dict)  # per model: how many frames ran together
 
 
 Job = ImageJob | VectorJob

@@ -57,6 +57,7 @@ class ModelState:
     reason: str = ""
     providers: tuple[str, ...] = ()
     strikes: int = 0
+    memory_mb: float = 0.0  # measured at load
 
 
 @dataclass(slots=True)
@@ -101,6 +102,7 @@ class WorkerSupervisor:
         self._stopping = False
         self._send_lock = threading.Lock()
         self._current: Any = None  # [job id, model index] the worker is on; see worker._mark
+        self._loading: dict[str, float] = {}  # model key -> when its Load was sent (loads run in order)
 
     # lifecycle
 
@@ -144,6 +146,7 @@ class WorkerSupervisor:
         self.pid = proc.pid
         self.state = "starting"
         self._loaded.clear()
+        self._loading.clear()
         self._started_at = time.monotonic()
         self._kill_reason = None
         threading.Thread(target=self._read, args=(parent, proc, gen), name=f"worker-reader-{gen}", daemon=True).start()
@@ -197,6 +200,7 @@ class WorkerSupervisor:
         if state.state == "quarantined":
             return
         state.state, state.reason = "loading", ""
+        self._loading[spec.key] = time.monotonic()
         self._send(Load(spec))
 
     def on_change_once(self, callback: Callable[[], None]) -> None:
@@ -214,10 +218,14 @@ class WorkerSupervisor:
 
     # jobs
 
+    def inflight(self) -> int:
+        return len(self._pending)
+
     def capacity(self) -> int:
         if self.state != "ready":
             return 0
-        return max(0, self._settings.max_inflight - len(self._pending))
+        limit = max(self._settings.max_inflight, self._settings.max_batch + 1)  # room to fill a batch
+        return max(0, limit - len(self._pending))
 
     def submit_image(self, models: tuple[str, ...], data: bytes) -> asyncio.Future[JobDone]:
         return self._submit(ImageJob(next(self._ids), models, data))
@@ -253,13 +261,15 @@ class WorkerSupervisor:
                     pending.future.set_result(msg)
             self._changed()
         elif isinstance(msg, Loaded):
+            self._loading.pop(msg.key, None)
             if msg.key not in self._desired:
                 self._send(Unload(msg.key))
                 return
             self._loaded.add(msg.key)
             state = self.models.setdefault(msg.key, ModelState())
-            wanted = self.config.providers[0]
-            if wanted not in msg.providers:
+            wanted = self.config.expected_provider
+            state.memory_mb = msg.memory_mb
+            if not msg.providers or msg.providers[0] != wanted:
                 state.state = "failed"
                 state.reason = f"asked for {wanted} but ONNX Runtime runs it on {', '.join(msg.providers)}"
                 log.error("model %s on %s: %s", msg.key, self.config.partition, state.reason)
@@ -269,6 +279,7 @@ class WorkerSupervisor:
                          msg.providers[0], msg.load_ms)
             self._changed()
         elif isinstance(msg, LoadFailed):
+            self._loading.pop(msg.key, None)
             state = self.models.setdefault(msg.key, ModelState())
             state.state, state.reason = "failed", msg.reason
             log.error("model %s failed to load on %s: %s", msg.key, self.config.partition, msg.reason)
@@ -302,7 +313,9 @@ class WorkerSupervisor:
         self._restart_handle = self._loop.call_later(delay, self._spawn)
 
     def _culprit(self) -> str | None:
-        """The model that was running when the worker died, or None (idle, or decoding a frame)."""
+        """The model that was running (or loading) when the worker died, or None (idle, or decoding a frame)."""
+        if self._loading:
+            return min(self._loading, key=self._loading.__getitem__)
         if self._current is None:
             return None
         job_id, index = int(self._current[0]), int(self._current[1])
@@ -329,9 +342,20 @@ class WorkerSupervisor:
 
     async def _watch(self) -> None:
         limit = self._settings.inference_timeout_s
+        load_limit = self._settings.load_timeout_s
         while True:
-            await asyncio.sleep(min(WATCHDOG_INTERVAL_S, limit / 4))
-            if not self._pending or self._kill_reason is not None or self._proc is None:
+            await asyncio.sleep(min(WATCHDOG_INTERVAL_S, limit / 4, load_limit / 4))
+            if self._kill_reason is not None or self._proc is None:
+                continue
+            if self._loading:
+                key = min(self._loading, key=self._loading.__getitem__)
+                age = time.monotonic() - self._loading[key]
+                if age > load_limit:
+                    self._kill_reason = f"loading {key} took {age:.1f} s (limit {load_limit:g} s); worker killed"
+                    log.error("worker %s stuck: %s", self.config.partition, self._kill_reason)
+                    self._proc.kill()
+                    continue
+            if not self._pending:
                 continue
             oldest = min(self._pending.values(), key=lambda p: p.sent)
             age = time.monotonic() - oldest.sent

@@ -37,6 +37,9 @@ class _Model:
         self.card = ModelCard.parse(spec.card_json.encode(), spec.key)
         self.session = session
         self.output_names = self.card.output_names()
+        # frames can be stacked along a dynamic first axis (not for decoders whose outputs have no batch axis)
+        first = session.get_inputs()[0].shape[0] if session.get_inputs() and session.get_inputs()[0].shape else 1
+        self.batchable = not isinstance(first, int) and self.card.output.decoder != "boxes_scores_classes"
 
 
 def _threads(config: WorkerConfig) -> int:
@@ -63,8 +66,30 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     # load from the bytes that were hashed, so the file cannot change between check and use
-    session = ort.InferenceSession(data, sess_options=options, providers=list(config.providers))
-    return _Model(spec, session), (time.perf_counter() - t0) * 1000
+    session = ort.InferenceSession(data, sess_options=options, providers=[(n, dict(o)) for n, o in config.providers])
+    model = _Model(spec, session)
+    _warm_up(model)
+    return model, (time.perf_counter() - t0) * 1000
+
+
+def _warm_up(model: _Model) -> None:
+    """One run on zeros, so the first real frame does not pay for lazy initialisation."""
+    import numpy as np
+
+    from formats.model_card import ImageInput
+
+    spec = model.card.input
+    if isinstance(spec, ImageInput):
+        shape = (1, 3, spec.height, spec.width) if spec.layout == "NCHW" else (1, spec.height, spec.width, 3)
+        tensor = np.zeros(shape, dtype=np.float32 if spec.dtype == "float32" else np.uint8)
+    else:
+        tensor = np.zeros((1, len(spec.features)), dtype=np.float32)
+    model.session.run(model.output_names, {spec.name: tensor})
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
 
 
 # Shared with the supervisor: [job id, index of the model running, -1 while decoding]. If this process
@@ -77,52 +102,93 @@ def _mark(current: Current, job_id: int, index: int) -> None:
     current[1] = index
 
 
-def _run(job: ImageJob | VectorJob, models: dict[str, _Model], config: WorkerConfig, current: Current) -> JobDone:
-    """Decode the frame once (images), then feed each of the job's models in turn."""
-    from appliance.runtime.processing import (
-        FrameRejected,
-        Letterbox,
-        decode_image,
-        decode_outputs,
-        preprocess_image,
-        vector_from_telemetry,
-    )
-    from formats.model_card import ImageInput
+def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], config: WorkerConfig,
+               current: Current) -> list[JobDone]:
+    """Decode each frame once, then feed each model its frames: in one batch where the model allows it."""
+    import numpy as np
 
-    t0 = time.perf_counter()
-    _mark(current, job.job_id, -1)
-    rgb = None
-    if isinstance(job, ImageJob):
-        try:
-            rgb = decode_image(job.data, max_pixels=config.max_image_pixels)
-        except FrameRejected as e:
-            return JobDone(job.job_id, rejected=(e.reason, e.detail))
-    done = JobDone(job.job_id, decode_s=time.perf_counter() - t0)
-    for index, key in enumerate(job.models):
-        _mark(current, job.job_id, index)
+    from appliance.runtime.processing import FrameRejected, decode_image, decode_outputs
+
+    dones: dict[int, JobDone] = {}
+    pixels: dict[int, Any] = {}
+    for job in jobs:
+        t0 = time.perf_counter()
+        _mark(current, job.job_id, -1)
+        if isinstance(job, ImageJob):
+            try:
+                pixels[job.job_id] = decode_image(job.data, max_pixels=config.max_image_pixels)
+            except FrameRejected as e:
+                dones[job.job_id] = JobDone(job.job_id, rejected=(e.reason, e.detail))
+                continue
+        dones[job.job_id] = JobDone(job.job_id, decode_s=time.perf_counter() - t0)
+    keys = list(dict.fromkeys(k for job in jobs for k in job.models))
+    for key in keys:
+        group = [j for j in jobs if key in j.models and dones[j.job_id].rejected is None]
         model = models.get(key)
         if model is None:
-            done.errors[key] = f"model {key} is not loaded in this worker"
+            for job in group:
+                dones[job.job_id].errors[key] = f"model {key} is not loaded in this worker"
             continue
-        t1 = time.perf_counter()
-        spec = model.card.input
-        transform: Letterbox | None = None
-        try:
-            if isinstance(spec, ImageInput):
-                assert rgb is not None, "an image model was given telemetry"
-                tensor, transform = preprocess_image(rgb, spec)
-            else:
-                assert isinstance(job, VectorJob), "a telemetry model was given an image"
-                tensor = vector_from_telemetry(job.values, spec)
-        except FrameRejected as e:
-            return JobDone(job.job_id, rejected=(e.reason, e.detail))
-        try:
-            raw = model.session.run(model.output_names, {spec.name: tensor})
-            done.results[key] = decode_outputs(model.card, dict(zip(model.output_names, raw)), transform)
-        except Exception as e:  # noqa: BLE001 - reported per model, the frame's other models still run
-            done.errors[key] = f"{type(e).__name__}: {e}"
-        done.infer_s[key] = time.perf_counter() - t1
-    return done
+        prepared = []
+        for job in group:
+            try:
+                prepared.append((job, *_prepare(model, job, pixels.get(job.job_id))))
+            except FrameRejected as e:
+                dones[job.job_id] = JobDone(job.job_id, rejected=(e.reason, e.detail))
+        size = config.max_batch if model.batchable else 1
+        for chunk in (prepared[i:i + size] for i in range(0, len(prepared), size)):
+            _mark(current, chunk[0][0].job_id, chunk[0][0].models.index(key))
+            t1 = time.perf_counter()
+            try:
+                feed = chunk[0][1] if len(chunk) == 1 else np.concatenate([tensor for _, tensor, _ in chunk])
+                raw = model.session.run(model.output_names, {model.card.input.name: feed})
+                for i, (job, _, transform) in enumerate(chunk):
+                    outputs = {n: (r if len(chunk) == 1 else r[i:i + 1]) for n, r in zip(model.output_names, raw)}
+                    dones[job.job_id].results[key] = decode_outputs(model.card, outputs, transform)
+            except Exception as e:  # noqa: BLE001 - reported per model, the frames' other models still run
+                for job, _, _ in chunk:
+                    dones[job.job_id].errors[key] = f"{type(e).__name__}: {e}"
+            elapsed = time.perf_counter() - t1
+            for job, _, _ in chunk:
+                dones[job.job_id].infer_s[key] = elapsed
+                dones[job.job_id].batch[key] = len(chunk)
+    return [dones[job.job_id] for job in jobs]
+
+
+def _prepare(model: _Model, job: ImageJob | VectorJob, rgb: Any) -> tuple[Any, Any]:
+    """The input tensor for one job, and the transform that maps boxes back to its frame."""
+    from appliance.runtime.processing import preprocess_image, vector_from_telemetry
+    from formats.model_card import ImageInput
+
+    spec = model.card.input
+    if isinstance(spec, ImageInput):
+        if rgb is None:
+            raise TypeError(f"model {model.spec.key} takes images, the job carries telemetry")
+        return preprocess_image(rgb, spec)
+    if not isinstance(job, VectorJob):
+        raise TypeError(f"model {model.spec.key} takes telemetry, the job carries an image")
+    return vector_from_telemetry(job.values, spec), None
+
+
+def _next_jobs(first: ImageJob | VectorJob, conn: Connection, config: WorkerConfig,
+               deferred: list[object]) -> list[ImageJob | VectorJob]:
+    """``first`` plus the jobs that arrive within ``max_batch_delay_s``, up to ``max_batch``.
+
+    A control message that arrives meanwhile is kept in ``deferred`` and handled after the batch, in order.
+    """
+    jobs = [first]
+    if config.max_batch <= 1:
+        return jobs
+    deadline = time.perf_counter() + config.max_batch_delay_s
+    while len(jobs) < config.max_batch and not deferred:
+        if not conn.poll(max(0.0, deadline - time.perf_counter())):
+            break
+        msg = conn.recv()
+        if isinstance(msg, (ImageJob, VectorJob)):
+            jobs.append(msg)
+        else:
+            deferred.append(msg)
+    return jobs
 
 
 def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> None:
@@ -131,25 +197,32 @@ def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> Non
     # (Shutdown), and if the daemon itself dies the pipe closes and we exit on EOF.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ.update(config.env)  # before ONNX Runtime (and CUDA) are first imported, in _load
     if config.cores:
-        os.sched_setaffinity(0, config.cores)
+        # a plan made from a recorded inventory may name cores this machine lacks: pin to those that exist
+        allowed = set(config.cores) & os.sched_getaffinity(0)
+        if allowed:
+            os.sched_setaffinity(0, allowed)
     models: dict[str, _Model] = {}
     conn.send(Ready(pid=os.getpid(), threads=_threads(config)))
+    deferred: list[object] = []
     while True:
         try:
-            msg = conn.recv()
+            msg = deferred.pop(0) if deferred else conn.recv()
         except (EOFError, OSError):
             return
         if isinstance(msg, (ImageJob, VectorJob)):
-            conn.send(_run(msg, models, config, current))
+            for done in _run_batch(_next_jobs(msg, conn, config, deferred), models, config, current):
+                conn.send(done)
         elif isinstance(msg, Load):
+            before = _rss_mb()
             try:
                 model, ms = _load(msg.spec, config)
             except Exception as e:  # noqa: BLE001 - reported to the supervisor, the worker keeps serving
                 conn.send(LoadFailed(msg.spec.key, f"{type(e).__name__}: {e}"))
                 continue
             models[msg.spec.key] = model
-            conn.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms))
+            conn.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms, max(0.0, _rss_mb() - before)))
         elif isinstance(msg, Unload):
             models.pop(msg.key, None)  # the session (and its memory arena) is freed with it
         elif isinstance(msg, Shutdown):

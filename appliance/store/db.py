@@ -348,7 +348,9 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, 1, ?)"
                 " ON CONFLICT (name) DO UPDATE SET version = excluded.version, model_name = excluded.model_name,"
                 " model_version = excluded.model_version, manifest = excluded.manifest,"
-                " installed_at = excluded.installed_at",
+                " installed_at = excluded.installed_at,"
+                " previous_manifest = CASE WHEN apps.manifest = excluded.manifest THEN apps.previous_manifest"
+                " ELSE apps.manifest END",
                 (name, version, model_name, model_version, manifest_json, installed_at),
             )
 

@@ -107,8 +107,12 @@ INSERT INTO meta (key, value) VALUES ('config_generation', 0);
     + _GENERATION_TRIGGERS
 )
 
+# v2: the manifest an app had before its last upgrade, so it can be rolled back
+_V2 = "ALTER TABLE apps ADD COLUMN previous_manifest TEXT;"
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
+    Migration(2, _V2, "apps.previous_manifest for rollback"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

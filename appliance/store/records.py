@@ -46,6 +46,7 @@ class AppRecord:
     manifest_json: str
     enabled: bool
     installed_at: float
+    previous_manifest_json: str | None = None  # the manifest before the last upgrade (for rollback)
 
     @property
     def key(self) -> str:
@@ -135,6 +136,7 @@ def app_from_row(row: Mapping[str, Any]) -> AppRecord:
         manifest_json=str(row["manifest"]),
         enabled=bool(row["enabled"]),
         installed_at=float(row["installed_at"]),
+        previous_manifest_json=row.get("previous_manifest"),
     )
 
 
