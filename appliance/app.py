@@ -29,7 +29,7 @@ from appliance.ingest.ingest import Ingest
 from appliance.metrics import Metrics, PartitionSample
 from appliance.pipeline import Pipeline
 from appliance.runtime.deploy import placement_for
-from appliance.runtime.inventory import read_inventory
+from appliance.runtime.inventory import NvmlReader, PynvmlReader, RecordedReader, read_inventory
 from appliance.runtime.messages import WorkerConfig
 from appliance.runtime.partitions import PartitionPlan, plan_partitions, session_providers
 from appliance.runtime.supervisor import WorkerSupervisor
@@ -52,7 +52,9 @@ class Daemon:
         self.store: Store | None = None
         self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
         self.stats = Stats(s.ingest.source_silent_s)
-        self.inventory = read_inventory(s.hardware.inventory_file)
+        f = s.hardware.inventory_file
+        self.nvml: NvmlReader = RecordedReader(f) if f else PynvmlReader()
+        self.inventory = read_inventory(f)
         self.plans = plan_partitions(s.partitions, self.inventory, s.state_dir / "tensorrt-cache")
         self.workers = {p.name: WorkerSupervisor(self._worker_config(p), s.runtime,
                                                  on_change=functools.partial(self._worker_changed, p.name))
@@ -90,9 +92,10 @@ class Daemon:
             w = self.workers[plan.name]
             lane = self.pipeline.lanes.get(plan.name) if self.pipeline else None
             used = sum(m.memory_mb for m in w.models.values() if m.state == "ready")
+            gpu = self._gpu_usage(plan).get("utilisation_percent")
             out.append(PartitionSample(plan.name, w.state, w.restarts, used, plan.memory_mb,
                                        lane.dispatched if lane else 0, len(lane.slots) if lane else 0,
-                                       w.inflight(), w.pid))
+                                       w.inflight(), w.pid, gpu))
         return out
 
     def _status_payload(self, state: str) -> bytes:
@@ -271,9 +274,22 @@ class Daemon:
                 "env": plan.env, "worker": w.state,
                 "memory_used_mb": round(sum(m.memory_mb for m in w.models.values() if m.state == "ready"), 1),
                 "apps": sorted(a for a, p in self.placement.items() if p == plan.name),
-                "utilisation": None if plan.kind == "cpu" else "not reported per instance under MIG"
-                if plan.kind == "mig" else "from NVML (not read yet)",
+                **self._gpu_usage(plan),
                 "error": f"fell back from {expected}: {', '.join(fallback)}" if fallback else ""}
+
+    def _gpu_usage(self, plan: PartitionPlan) -> dict[str, Any]:
+        """Utilisation from NVML: for a GPU the whole device's (a slice shares it); none per MIG instance."""
+        if plan.kind == "cpu" or plan.gpu_index is None:
+            return {"utilisation_percent": None, "utilisation_note": "see appliance_partition_cpu_seconds_total"}
+        if plan.kind == "mig":
+            return {"utilisation_percent": None,
+                    "utilisation_note": "NVML does not report utilisation per MIG instance"}
+        usage = self.nvml.usage(plan.gpu_index)
+        if usage is None:
+            return {"utilisation_percent": None, "utilisation_note": "NVML gave no reading"}
+        note = "whole GPU, shared by its slices" if plan.kind == "slice" else "whole GPU"
+        return {"utilisation_percent": usage.utilisation_percent, "gpu_memory_used_mb": usage.memory_used_mb,
+                "utilisation_note": note}
 
     def status(self) -> dict[str, Any]:
         s = self.settings
@@ -293,7 +309,7 @@ class Daemon:
             "broker": {"mode": s.broker.mode, "host": s.broker.host, "port": s.broker.port,
                        "protocol": s.broker.mqtt_version, "connected": self.mqtt.connected},
             "partitions": [self._partition_status(p) for p in self.plans],
-            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "restarts": w.restarts,
+            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "threads": w.threads, "restarts": w.restarts,
                          "last_restart_reason": w.last_restart_reason, "inflight": w.inflight()}
                         for n, w in self.workers.items()],
             "models": [{"key": k, "state": m.state, "reason": m.reason, "providers": list(m.providers),

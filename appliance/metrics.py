@@ -30,6 +30,7 @@ class PartitionSample:
     queued: int  # items waiting in the partition's latest-wins slots
     inflight: int  # jobs the worker holds
     pid: int | None = None
+    gpu_utilisation_percent: int | None = None  # of the whole GPU the partition is on; None under MIG or on CPU
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
@@ -78,6 +79,8 @@ class _StatsCollector(Collector):
         inflight = GaugeMetricFamily("appliance_partition_inflight", "Jobs the worker holds", labels=p)
         cpu = CounterMetricFamily("appliance_partition_cpu_seconds", "CPU time of the partition's worker process "
                                   "(rate / cores = utilisation of a CPU partition)", labels=p)
+        gpu = GaugeMetricFamily("appliance_partition_gpu_utilisation_percent", "NVML utilisation of the whole GPU "
+                                "the partition is on (absent under MIG: NVML does not report it per instance)", labels=p)
         for s in self._partitions():
             restarts.add_metric([s.name], s.restarts)
             up.add_metric([s.name], 1.0 if s.worker_state == "ready" else 0.0)
@@ -90,8 +93,10 @@ class _StatsCollector(Collector):
             seconds = _cpu_seconds(s.pid)
             if seconds is not None:
                 cpu.add_metric([s.name], seconds)
+            if s.gpu_utilisation_percent is not None:
+                gpu.add_metric([s.name], s.gpu_utilisation_percent)
         yield from (received, processed, skipped, rejected, events, restarts, up, used, limit, jobs, queued,
-                    inflight, cpu)
+                    inflight, cpu, gpu)
 
 
 class Metrics:
@@ -106,6 +111,9 @@ class Metrics:
         self.batch = Histogram(
             "appliance_batch_size", "Per frame: how many frames ran with it in one model run", ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.frame_age = Histogram(
+            "appliance_frame_age_seconds", "Capture time (MQTT 5 'ts' or telemetry ts, else arrival) to result",
+            ["kind"], buckets=LATENCY_BUCKETS + (30.0, 60.0), registry=self.registry)
         self.pipeline = Histogram(
             "appliance_pipeline_seconds", "Arrival of a message to its result (queueing + decode + inference)",
             ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -352,7 +352,9 @@ class Pipeline:
             self._metrics.inference.labels(key).observe(seconds)
         for key, size in done.batch.items():
             self._metrics.batch.labels(key).observe(size)
-        self._metrics.pipeline.labels(frame.kind).observe(time.time() - frame.arrived)
+        now = time.time()
+        self._metrics.pipeline.labels(frame.kind).observe(now - frame.arrived)
+        self._metrics.frame_age.labels(frame.kind).observe(max(0.0, now - frame.captured))
         for app in apps:
             detections = done.results.get(app.model_key)
             if detections is None:

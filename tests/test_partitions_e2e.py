@@ -50,6 +50,7 @@ def test_two_cpu_partitions_pinned_to_their_cores(make_daemon: DaemonFactory, mo
     d.start()
     wait_until(lambda: serving(d, "ppe", "colours"), 30, what="both apps serving")
     workers = {w["partition"]: w["pid"] for w in d.status()["workers"]}
+    assert {w["partition"]: w["threads"] for w in d.status()["workers"]} == {"left": 1, "right": 1}
     assert os.sched_getaffinity(workers["left"]) == {core_a}, "the left worker is pinned to its core"
     assert os.sched_getaffinity(workers["right"]) == {core_b}, "the right worker is pinned to its core"
     apps = {a["name"]: a["partition"] for a in d.status()["apps"]}
@@ -106,6 +107,9 @@ def test_gpu_partition_that_falls_back_to_cpu_is_an_error_not_a_slowdown(
     d.start()
     gpu = wait_until(lambda: (p := partition_of(d, "gpu0"))["error"] and p, 60, what="fallback reported")
     assert "CUDAExecutionProvider" in gpu["error"] and gpu["apps"] == ["ppe"]
+    assert gpu["env"]["CUDA_VISIBLE_DEVICES"] == "0" and gpu["provider"] == "CUDAExecutionProvider"
+    assert gpu["utilisation_percent"] == 37, "utilisation comes through the NVML seam (recorded here)"
+    assert counter(d.metrics(), "appliance_partition_gpu_utilisation_percent", partition="gpu0") == 37
     app = next(a for a in d.status()["apps"] if a["name"] == "ppe")
     assert app["state"] == "degraded" and "CPUExecutionProvider" in app["reason"]
     assert "ERROR: fell back from CUDAExecutionProvider" in d.cli("status").stdout
@@ -220,3 +224,37 @@ def test_dynamic_batching_runs_frames_together_and_keeps_each_result_with_its_fr
     frames = counter(metrics, "appliance_batch_size_count", model="demo-classifier-batch@1.0.0")
     alone = counter(metrics, "appliance_batch_size_bucket", model="demo-classifier-batch@1.0.0", le="1.0")
     assert frames > alone, "some frames ran in batches of more than one"
+
+
+def test_hardware_shows_mig_instances_and_the_partitions_made_of_them(make_daemon: DaemonFactory) -> None:
+    d = make_daemon(start=False, extra=f"""
+        [hardware]
+        inventory_file = "{FIXTURES / 'h100-mig7.json'}"
+        """)
+    out = d.cli("hardware").stdout
+    assert "H100" in out and out.count("1g.10gb") >= 7
+    for i in range(7):
+        assert f"gpu0-mig{i}" in out
+    assert out.count("CUDA_VISIBLE_DEVICES=MIG-") == 7
+    inventory = json.loads(d.cli("hardware", "--json").stdout)
+    assert len(inventory["gpus"][0]["mig_devices"]) == 7
+
+
+def test_invalid_partitions_stop_the_daemon_with_a_message_naming_them(make_daemon: DaemonFactory) -> None:
+    d = make_daemon(start=False, extra="""
+        [[partitions]]
+        name = "a"
+        device = "cpu"
+        cores = [0]
+        [[partitions]]
+        name = "b"
+        device = "cpu"
+        cores = [0]
+        [[partitions]]
+        name = "g"
+        device = "cuda:0"
+        """)
+    r = d.cli("run", check=False)
+    assert r.returncode == 2
+    assert "partitions a and b both use core 0" in r.stderr
+    assert "partition g: device cuda:0 does not exist" in r.stderr

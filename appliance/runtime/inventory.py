@@ -164,11 +164,23 @@ def _gpu(data: Any, where: str) -> Gpu:
                mig_enabled=mig_enabled, mig_devices=tuple(migs))
 
 
+@dataclass(frozen=True, slots=True)
+class GpuUsage:
+    """What a whole GPU is doing now. NVML reports utilisation per device, not per MIG instance."""
+
+    utilisation_percent: int
+    memory_used_mb: int
+
+
 class NvmlReader(Protocol):
-    """The seam to NVML: what the GPUs are, as plain data."""
+    """The seam to NVML: what the GPUs are and how busy they are, as plain data."""
 
     def gpus(self) -> tuple[Gpu, ...]:
         """Every GPU with its MIG instances; raise NvmlUnavailable (one sentence) when NVML cannot answer."""
+        ...
+
+    def usage(self, index: int) -> GpuUsage | None:
+        """Utilisation and memory in use of GPU ``index``, or None when NVML cannot tell."""
         ...
 
 
@@ -197,6 +209,26 @@ class PynvmlReader:
             return tuple(self._gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
         except pynvml.NVMLError as e:
             raise NvmlUnavailable(f"NVML failed while listing the GPUs: {e}") from e
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError:
+                pass
+
+    def usage(self, index: int) -> GpuUsage | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except (ImportError, Exception):  # noqa: BLE001 - no driver: nothing to report
+            return None
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return GpuUsage(int(rates.gpu), int(memory.used) // 2**20)
+        except pynvml.NVMLError:  # e.g. NotSupported on a GPU in MIG mode
+            return None
         finally:
             try:
                 pynvml.nvmlShutdown()
@@ -272,6 +304,14 @@ class RecordedReader:
         if not inv.gpus and inv.nvml_error:
             raise NvmlUnavailable(inv.nvml_error)
         return inv.gpus
+
+    def usage(self, index: int) -> GpuUsage | None:
+        """From the file's optional ``"usage": {"<index>": {"utilisation_percent": .., "memory_used_mb": ..}}``."""
+        try:
+            entry = json.loads(self.path.read_text(encoding="utf-8")).get("usage", {}).get(str(index))
+            return GpuUsage(int(entry["utilisation_percent"]), int(entry["memory_used_mb"])) if entry else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
 
 
 def load_inventory_file(path: Path) -> Inventory:

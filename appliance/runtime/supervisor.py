@@ -92,6 +92,7 @@ class WorkerSupervisor:
         self._ids = itertools.count(1)
         self.state: WorkerStateName = "stopped"
         self.pid: int | None = None
+        self.threads = 0  # ONNX Runtime intra-op threads per session, as the worker set them
         self.restarts = 0
         self.last_restart_reason = ""
         self._backoff = settings.restart_backoff_min_s
@@ -287,6 +288,7 @@ class WorkerSupervisor:
         elif isinstance(msg, Ready):
             self.state = "ready"
             self.pid = msg.pid
+            self.threads = msg.threads
             self._changed()
 
     def _on_exit(self, gen: int, exitcode: int | None) -> None:
