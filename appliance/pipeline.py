@@ -33,6 +33,7 @@ from appliance.runtime.results import Detection
 from appliance.runtime.supervisor import WorkerLost, WorkerSupervisor
 from appliance.stats import Stats
 from appliance.store import AppRecord, ModelRecord
+from appliance.tasks import cancel_and_wait
 from formats import AppManifest
 
 log = logging.getLogger(__name__)
@@ -250,12 +251,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         for lane in self.lanes.values():
-            if lane.task:
-                lane.task.cancel()
-                try:
-                    await lane.task
-                except asyncio.CancelledError:
-                    pass
+            await cancel_and_wait(lane.task)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
 

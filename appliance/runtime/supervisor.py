@@ -36,6 +36,7 @@ from appliance.runtime.messages import (
 )
 from appliance.runtime.worker import worker_main
 from appliance.settings import RuntimeSettings
+from appliance.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ class WorkerSupervisor:
         self._stopping = True
         if self._restart_handle:
             self._restart_handle.cancel()
-        if self._watchdog:
-            self._watchdog.cancel()
-            try:
-                await self._watchdog
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._watchdog)
         proc = self._proc
         if proc is not None and proc.is_alive():
             self._send(Shutdown())
