@@ -63,6 +63,7 @@ class Daemon:
         self.placement: dict[str, str] = {}
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
+        self.results_topic = f"{base}/results"
         self.mqtt = MqttClient(s.broker, client_id=f"appliance-{s.device_id}",
                                will=(self.status_topic, self._status_payload("offline")),
                                on_connection_change=self._on_connection)
@@ -106,6 +107,9 @@ class Daemon:
         if up:
             self.mqtt.publish(self.status_topic, self._status_payload("online"), qos=1, retain=True)
 
+    def _publish_result(self, result: dict[str, object]) -> None:
+        self.mqtt.publish(self.results_topic, json.dumps(result).encode())
+
     def _on_command(self, msg: ReceiveMessage) -> None:  # on the MQTT thread
         try:
             cmd = json.loads(msg.payload).get("cmd")
@@ -129,7 +133,8 @@ class Daemon:
         if self.broker is not None:
             self.broker.start()
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1))
-        self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue)
+        self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue,
+                                 self._publish_result if s.outputs.results else None)
         self.ingest = Ingest(self.mqtt, s, self.stats, self.pipeline.accepts, self.pipeline.offer)
         for worker in self.workers.values():
             await worker.start()

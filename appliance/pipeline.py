@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,7 +92,9 @@ class Lane:
 
 class Pipeline:
     def __init__(self, workers: dict[str, WorkerSupervisor], events: EventSink, stats: Stats,
-                 metrics: Metrics, telemetry_slots: int = 16) -> None:
+                 metrics: Metrics, telemetry_slots: int = 16,
+                 publish_result: Callable[[dict[str, object]], None] | None = None) -> None:
+        self._publish_result = publish_result  # every result, when outputs.results is on
         self._telemetry_slots = telemetry_slots  # samples kept per sensor while its lane is busy
         self.lanes = {name: Lane(name, w) for name, w in workers.items()}
         self._events = events
@@ -356,6 +359,10 @@ class Pipeline:
             if detections is None:
                 continue
             self.last_results[frame.source] = LastResult(frame.captured, app.name, tuple(detections))
+            if self._publish_result is not None:
+                self._publish_result({"source": frame.source, "app": app.name, "model": app.model_key,
+                                      "ts": frame.captured, "arrived": frame.arrived, "done": now,
+                                      "detections": [d.to_json() for d in detections]})
             for firing in app.engine.evaluate(frame.source, detections, frame.captured):
                 try:
                     await self._events.emit(firing, frame, detections)

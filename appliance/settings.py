@@ -130,6 +130,11 @@ class PlacementSettings(_Section):
     pins: dict[str, str] = Field(default_factory=dict)  # app name -> partition name it must run in
 
 
+class OutputSettings(_Section):
+    # publish every result (not only events) on appliance/{device}/results: for integrations and benchmarks
+    results: bool = False
+
+
 class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
@@ -142,6 +147,7 @@ class Settings(_Section):
     retention: RetentionSettings = RetentionSettings()
     hardware: HardwareSettings = HardwareSettings()
     placement: PlacementSettings = PlacementSettings()
+    outputs: OutputSettings = OutputSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
 

@@ -125,3 +125,25 @@ def test_capture_time_from_mqtt5_user_property(mosquitto: Mosquitto, make_daemon
         pub.close()
         events.close()
     assert math.isclose(event["ts"], 1700000000.25)
+
+
+def test_every_result_is_published_when_asked(make_daemon: DaemonFactory, models: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    d = make_daemon(start=False, extra="""
+        [outputs]
+        results = true
+        """)
+    install_demo_apps(d, models, tmp_path)
+    d.start()
+    wait_until(lambda: serving(d, "ppe-watch"), 30, what="app serving")
+    results = Subscriber(d.mqtt_port, f"appliance/{d.device}/results")
+    pub = Publisher(d.mqtt_port)
+    try:
+        pub.publish("cameras/cam3/frame", render_frame(0.0, 0))
+        result = results.next_json(20)
+    finally:
+        pub.close()
+        results.close()
+    assert result["source"] == "cam3" and result["model"] == "demo-detector@1.0.0"
+    assert result["arrived"] <= result["done"]
+    assert {det["label"] for det in result["detections"]} >= {"person"}
