@@ -66,7 +66,7 @@ def _assert_matches_truth(found: list[Detection], t: float, camera: int, width: 
 
 def test_build_all_writes_valid_models_and_cards(models: dict[str, Path]) -> None:
     assert set(models) == {"demo-detector", "demo-boxes", "demo-classifier", "demo-classifier-batch",
-                           "demo-gas-anomaly", "demo-hang"}
+                           "demo-gas-anomaly", "demo-hang", "demo-load-hang"}
     for name, directory in models.items():
         card = ModelCard.load(directory / "model.json")
         assert card.name == name

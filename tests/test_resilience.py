@@ -197,3 +197,24 @@ def test_retention_keeps_snapshots_within_quota(make_daemon: DaemonFactory, mode
     wait_until(lambda: on_disk() <= 150000, 20, what="snapshots pruned to the quota")
     kept = {e["id"] for e in json.loads(d.cli("events", "--json", "-n", "100").stdout)}
     assert seen[-1]["id"] in kept and seen[0]["id"] not in kept, "the oldest go first"
+
+
+def test_model_that_hangs_while_loading_is_quarantined_and_the_rest_serve(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+    d = make_daemon(start=False, extra="""
+        [runtime]
+        load_timeout_s = 1.0
+        restart_backoff_min_s = 0.1
+        restart_backoff_max_s = 0.2
+        strikes_before_quarantine = 2
+        """)
+    install_demo_apps(d, models, tmp_path)
+    d.cli("models", "add", str(models["demo-load-hang"]))
+    d.cli("apps", "add", str(write_app(tmp_path / "slow.json", "slow", "demo-load-hang", ["cameras/slow/frame"],
+                                       [{"name": "r", "labels": ["red"]}])))
+    d.start(healthy=False)
+    slow = wait_until(lambda: next((a for a in d.status()["apps"] if a["name"] == "slow"
+                                    and "quarantined" in a["reason"]), None), 60, what="quarantined at load")
+    assert "loading demo-load-hang@1.0.0 took" in slow["reason"]
+    wait_until(lambda: serving(d, "ppe-watch", "gas-watch"), 30, what="the other apps serve")
+    assert d.status()["workers"][0]["restarts"] == 2

@@ -43,6 +43,7 @@ __all__ = [
     "build_classifier",
     "build_detector",
     "build_hang_model",
+    "build_load_hang_model",
     "main",
 ]
 
@@ -337,7 +338,7 @@ def build_anomaly(out_dir: Path) -> Path:
     return _save(out_dir, graph, card)
 
 
-def build_hang_model(out_dir: Path) -> Path:
+def build_hang_model(out_dir: Path, name: str = "demo-hang", on_blank: bool = False) -> Path:
     """``demo-hang``: a colour classifier whose logits go through a Loop of 2**62 steps on any real frame.
 
     For testing the worker watchdog. The loop runs only when some pixel is above zero, so the model loads and
@@ -365,7 +366,8 @@ def build_hang_model(out_dir: Path) -> Path:
     inits += [_const("trip_count", HANG_TRIP_COUNT, np.int64), _const("zero", 0.0)]
     nodes += [
         helper.make_node("ReduceMax", ["input"], ["brightest"], keepdims=0),
-        helper.make_node("Greater", ["brightest", "zero"], ["keep_going"]),
+        # on_blank: hang on an all-zero image (the warm-up at load) instead of on real frames
+        helper.make_node("LessOrEqual" if on_blank else "Greater", ["brightest", "zero"], ["keep_going"]),
     ]
     nodes.append(helper.make_node("Loop", ["trip_count", "keep_going", "colour_logits"], ["logits"], body=body))
     graph = helper.make_graph(
@@ -375,7 +377,12 @@ def build_hang_model(out_dir: Path) -> Path:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
         inits,
     )
-    return _save(out_dir, graph, _classifier_card("demo-hang", "Never finishes a run: for testing the watchdog."))
+    return _save(out_dir, graph, _classifier_card(name, "Never finishes a run: for testing the watchdog."))
+
+
+def build_load_hang_model(out_dir: Path) -> Path:
+    """``demo-load-hang``: hangs in its warm-up run at load, for testing the load watchdog."""
+    return build_hang_model(out_dir, "demo-load-hang", on_blank=True)
 
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
@@ -385,6 +392,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "demo-classifier-batch": build_batch_classifier,
     "demo-gas-anomaly": build_anomaly,
     "demo-hang": build_hang_model,
+    "demo-load-hang": build_load_hang_model,
 }
 
 

@@ -311,9 +311,16 @@ class WorkerSupervisor:
         self._restart_handle = self._loop.call_later(delay, self._spawn)
 
     def _culprit(self) -> str | None:
-        """The model that was running (or loading) when the worker died, or None (idle, or decoding a frame)."""
+        """The model that was running (or loading) when the worker died, or None (idle, or decoding a frame).
+
+        The worker handles messages in order, so whichever was sent first, the oldest load or the oldest job,
+        is the one it was busy with.
+        """
+        oldest_job = min((p.sent for p in self._pending.values()), default=None)
         if self._loading:
-            return min(self._loading, key=self._loading.__getitem__)
+            key = min(self._loading, key=self._loading.__getitem__)
+            if oldest_job is None or self._loading[key] < oldest_job:
+                return key
         if self._current is None:
             return None
         job_id, index = int(self._current[0]), int(self._current[1])
