@@ -26,7 +26,7 @@ from appliance.events import EventSink
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.ingest.ingest import Ingest
-from appliance.metrics import Metrics, PartitionSample
+from appliance.metrics import Metrics, PartitionSample, cpu_seconds
 from appliance.pipeline import Pipeline
 from appliance.runtime.deploy import placement_for
 from appliance.runtime.inventory import NvmlReader, PynvmlReader, RecordedReader, read_inventory
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
+UTILISATION_S = 5.0  # CPU partitions' utilisation is averaged over this many seconds
 MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the models to load
 
 
@@ -61,6 +62,8 @@ class Daemon:
                         for p in self.plans}
         self.metrics = Metrics(self.stats, self._partition_metrics)
         self.placement: dict[str, str] = {}
+        self._cpu_seen: dict[str, tuple[float, float]] = {}  # partition -> (monotonic time, worker CPU seconds)
+        self.cpu_utilisation: dict[str, float] = {}  # partition -> percent of its cores, last UTILISATION_S
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
         self.results_topic = f"{base}/results"
@@ -93,7 +96,7 @@ class Daemon:
             w = self.workers[plan.name]
             lane = self.pipeline.lanes.get(plan.name) if self.pipeline else None
             used = sum(m.memory_mb for m in w.models.values() if m.state == "ready")
-            gpu = self._gpu_usage(plan).get("utilisation_percent")
+            gpu = None if plan.kind == "cpu" else self._gpu_usage(plan).get("utilisation_percent")
             out.append(PartitionSample(plan.name, w.state, w.restarts, used, plan.memory_mb,
                                        lane.dispatched if lane else 0, len(lane.slots) if lane else 0,
                                        w.inflight(), w.pid, gpu))
@@ -151,6 +154,7 @@ class Daemon:
             self._every(CONFIG_POLL_S, self._reload, "config-watch"),
             self._every(s.retention.prune_interval_s, self._prune, "retention"),
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
+            self._every(UTILISATION_S, self._sample_cpu, "utilisation"),
         ]
         log.info("appliance %s up: device %s, broker %s %s:%s, HTTP http://%s:%s, state in %s", __version__,
                  s.device_id, s.broker.mode, s.broker.host, s.broker.port, s.http.host, sock.getsockname()[1],
@@ -249,6 +253,18 @@ class Daemon:
         if self.events is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.events.prune)
 
+    async def _sample_cpu(self) -> None:
+        for plan in self.plans:
+            seconds = cpu_seconds(self.workers[plan.name].pid)
+            if seconds is None:
+                continue
+            now = time.monotonic()
+            last = self._cpu_seen.get(plan.name)
+            self._cpu_seen[plan.name] = (now, seconds)
+            if last is not None and now > last[0] and seconds >= last[1]:
+                cores = len(plan.cores) or 1
+                self.cpu_utilisation[plan.name] = round(100 * (seconds - last[1]) / (now - last[0]) / cores, 1)
+
     async def _flush_sources(self) -> None:
         if self.store is None:
             return
@@ -285,7 +301,8 @@ class Daemon:
     def _gpu_usage(self, plan: PartitionPlan) -> dict[str, Any]:
         """Utilisation from NVML: for a GPU the whole device's (a slice shares it); none per MIG instance."""
         if plan.kind == "cpu" or plan.gpu_index is None:
-            return {"utilisation_percent": None, "utilisation_note": "see appliance_partition_cpu_seconds_total"}
+            return {"utilisation_percent": self.cpu_utilisation.get(plan.name),
+                    "utilisation_note": f"of its cores, over the last {UTILISATION_S:g} s"}
         if plan.kind == "mig":
             return {"utilisation_percent": None,
                     "utilisation_note": "NVML does not report utilisation per MIG instance"}

@@ -170,6 +170,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"restarts {w['restarts']}  memory {p['memory_used_mb']:.0f} MB / {limit}  apps {', '.join(p['apps']) or '-'}")
         if w["restarts"]:
             print(f"             last restart: {w['last_restart_reason']}")
+        if p.get("utilisation_percent") is not None:
+            print(f"             utilisation {p['utilisation_percent']:.0f}% ({p['utilisation_note']})")
+        elif p["kind"] == "mig":
+            print(f"             utilisation: {p['utilisation_note']}")
         if p["error"]:
             print(f"             ERROR: {p['error']}")
     print("\nmodels:")

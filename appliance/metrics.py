@@ -33,7 +33,8 @@ class PartitionSample:
     gpu_utilisation_percent: int | None = None  # of the whole GPU the partition is on; None under MIG or on CPU
 
 
-def _cpu_seconds(pid: int | None) -> float | None:
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) of process ``pid`` so far, from /proc; None if it cannot be read."""
     if pid is None:
         return None
     try:
@@ -90,7 +91,7 @@ class _StatsCollector(Collector):
             jobs.add_metric([s.name], s.dispatched)
             queued.add_metric([s.name], s.queued)
             inflight.add_metric([s.name], s.inflight)
-            seconds = _cpu_seconds(s.pid)
+            seconds = cpu_seconds(s.pid)
             if seconds is not None:
                 cpu.add_metric([s.name], seconds)
             if s.gpu_utilisation_percent is not None:

@@ -67,8 +67,11 @@ def test_two_cpu_partitions_pinned_to_their_cores(make_daemon: DaemonFactory, mo
     metrics = d.metrics()
     for name in ("left", "right"):
         assert counter(metrics, "appliance_partition_inferences_total", partition=name) == 5, f"{name} ran each frame"
+    left = wait_until(lambda: (p := partition_of(d, "left"))["utilisation_percent"] is not None and p, 20,
+                      what="a utilisation reading of the left partition")
+    assert 0 <= left["utilisation_percent"] <= 100 and "of its cores" in left["utilisation_note"]
     text = d.cli("status").stdout
-    assert "left" in text and "right" in text and f"cores {core_a}" in text
+    assert "left" in text and "right" in text and f"cores {core_a}" in text and "utilisation" in text
 
 
 def test_deployment_that_does_not_fit_is_refused_before_anything_changes(
