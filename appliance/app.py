@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +21,11 @@ from typing import Any
 import uvicorn
 
 from appliance import __version__
+from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.events import EventSink
+from appliance.http.security import Console, is_loopback
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.ingest.ingest import Ingest
@@ -131,6 +134,7 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        self._check_tls()
         self.store = Store(s.db_path)
         sock = self._bind_http()
         if self.broker is not None:
@@ -147,8 +151,13 @@ class Daemon:
         self.ingest.start()
         self.mqtt.subscribe(self.commands_topic, self._on_command)
         self.mqtt.start()
-        app = build_app(self.status, self.metrics, self.healthy)
-        self._http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        h = s.http
+        console = Console(self.store, Accounts(self.store), s.snapshots_dir, self.status, secure_cookies=h.tls)
+        app = build_app(self.status, self.metrics, self.healthy, console)
+        # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
+        self._http = uvicorn.Server(uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False, server_header=False,
+            ssl_certfile=str(h.tls_cert) if h.tls_cert else None, ssl_keyfile=str(h.tls_key) if h.tls_key else None))
         self._tasks = [
             asyncio.create_task(self._http.serve(sockets=[sock]), name="http"),
             self._every(CONFIG_POLL_S, self._reload, "config-watch"),
@@ -156,9 +165,12 @@ class Daemon:
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
             self._every(UTILISATION_S, self._sample_cpu, "utilisation"),
         ]
-        log.info("appliance %s up: device %s, broker %s %s:%s, HTTP http://%s:%s, state in %s", __version__,
-                 s.device_id, s.broker.mode, s.broker.host, s.broker.port, s.http.host, sock.getsockname()[1],
-                 s.state_dir.resolve())
+        log.info("appliance %s up: device %s, broker %s %s:%s, HTTP %s://%s:%s, state in %s", __version__,
+                 s.device_id, s.broker.mode, s.broker.host, s.broker.port, "https" if h.tls else "http", h.host,
+                 sock.getsockname()[1], s.state_dir.resolve())
+        if not h.tls and not is_loopback(h.host) and h.host != "localhost":
+            log.warning("the console is served over plain HTTP on %s: passwords and session cookies cross the "
+                        "network unencrypted; set http.tls_cert and http.tls_key", h.host)
 
     async def _models_settled(self, timeout: float) -> None:
         """Wait until no model is loading any more, so the first frames are not refused for that."""
@@ -180,6 +192,18 @@ class Daemon:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
+
+    def _check_tls(self) -> None:
+        """Load the certificate and key once before anything starts, so a bad pair stops the daemon with a
+        message that names the files rather than failing inside the server task."""
+        h = self.settings.http
+        if h.tls_cert is None or h.tls_key is None:
+            return
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(h.tls_cert, h.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot use http.tls_cert {h.tls_cert} with http.tls_key {h.tls_key}: {e}; give a PEM "
+                              "certificate (chain) and its private key, readable by the daemon") from e
 
     def _bind_http(self) -> socket.socket:
         h = self.settings.http

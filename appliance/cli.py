@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -29,11 +31,23 @@ def _store(settings: Settings) -> Any:
     return Store(settings.db_path)
 
 
+def _tls_context(cert: Path) -> ssl.SSLContext:
+    """Trust exactly the daemon's own certificate: the CLI talks to it on loopback, where the name in a
+    site's certificate would not match."""
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a leaf that is not self-signed can be the anchor
+    return context
+
+
 def _fetch_status(settings: Settings) -> dict[str, Any]:
-    host = "127.0.0.1" if settings.http.host in ("0.0.0.0", "") else settings.http.host
-    url = f"http://{host}:{settings.http.port}/api/status"
+    h = settings.http
+    host = "127.0.0.1" if h.host in ("0.0.0.0", "") else "::1" if h.host == "::" else h.host
+    host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if h.tls else 'http'}://{host}:{h.port}/api/status"
+    context = _tls_context(h.tls_cert) if h.tls_cert else None
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:
             result: dict[str, Any] = json.load(r)
             return result
     except (urllib.error.URLError, OSError) as e:
@@ -201,6 +215,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace, user: str) -> str:
+    """From stdin with --password-stdin (one line, for scripts), else typed twice at the terminal; never argv."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise ApplianceError("--password-stdin read an empty line; pipe the password in, e.g. "
+                                 "`printf '%s\\n' \"$PW\" | appliance users add NAME --password-stdin`")
+        return password
+    if not sys.stdin.isatty():
+        raise ApplianceError("no terminal to type the password on; pipe it in with --password-stdin")
+    first = getpass.getpass(f"password for {user}: ")
+    if getpass.getpass("again: ") != first:
+        raise ApplianceError("the two passwords differ; nothing was changed")
+    return first
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"uid{os.getuid()}"
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from appliance.auth import Accounts, Actor, check_user_name
+
+    settings = _settings(args)
+    with _store(settings) as store:
+        accounts = Accounts(store)
+        by = Actor(f"cli:{_os_user()}", "local")
+        if args.action == "add":
+            check_user_name(args.name)
+            if store.get_user(args.name) is not None:
+                raise ApplianceError(f"a user named {args.name!r} already exists; change the password with "
+                                     f"`appliance users passwd {args.name}`")
+            u = accounts.add_user(args.name, args.role, _read_password(args, args.name), by, args.language)
+            print(f"added {u.role} {u.name}; log in at the console or with POST /api/v1/login")
+        elif args.action == "passwd":
+            if store.get_user(args.name) is None:
+                raise ApplianceError(f"no user named {args.name!r} (see: appliance users list)")
+            accounts.update_user(args.name, by, password=_read_password(args, args.name))
+            print(f"password of {args.name} changed; their sessions were ended")
+        elif args.action == "remove":
+            u = accounts.remove_user(args.name, by)
+            print(f"removed {u.role} {u.name}, with their sessions and API tokens")
+        else:
+            rows = store.list_users()
+            if not rows:
+                print("no users yet: create the first admin with: appliance users add NAME --role admin")
+            for u in rows:
+                print(f"{u.name:<24} {u.role:<9} {u.language:<3} {'disabled' if u.disabled else 'enabled '}  "
+                      f"created {_time(u.created)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo.run import run_demo
 
@@ -250,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     hw = sub.add_parser("hardware", help="CPU cores, GPUs and MIG devices, and the partitions planned on them")
     hw.add_argument("--json", action="store_true")
     hw.set_defaults(func=cmd_hardware)
+
+    users = sub.add_parser("users", help="console users: add, list, remove, change a password")
+    usub = users.add_subparsers(dest="action", required=True)
+    uadd = usub.add_parser("add", help="add a user (the first admin is made this way; there is no default password)")
+    uadd.add_argument("name")
+    uadd.add_argument("--role", choices=["viewer", "operator", "admin"], required=True)
+    uadd.add_argument("--language", choices=["en", "zh"], default="en")
+    upw = usub.add_parser("passwd", help="set a user's password (ends their sessions)")
+    upw.add_argument("name")
+    for parser in (uadd, upw):
+        parser.add_argument("--password-stdin", action="store_true",
+                            help="read the password from the first line of standard input (for scripts)")
+    usub.add_parser("list", help="list users")
+    urm = usub.add_parser("remove", help="remove a user with their sessions and API tokens")
+    urm.add_argument("name")
+    users.set_defaults(func=cmd_users)
 
     demo = sub.add_parser("demo", help="run the daemon with demo models, simulated cameras and a gas sensor")
     demo.set_defaults(func=cmd_demo)

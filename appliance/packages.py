@@ -222,21 +222,23 @@ def install_app(store: Store, path: Path, plans: list[PartitionPlan] | None = No
     return _install_manifest(store, manifest, plans, pins or {})
 
 
-def rollback_app(store: Store, name: str) -> AppRecord:
-    """Reinstall the manifest the app had before its last upgrade (the daemon swaps to it without a gap)."""
+def rollback_app(store: Store, name: str, actor: str = "cli", address: str | None = None) -> AppRecord:
+    """Reinstall the manifest the app had before its last upgrade (the daemon swaps to it without a gap).
+
+    ``actor`` and ``address`` say who asked, from where, in the audit log."""
     current = store.get_app(name)
     if current is None:
         raise InstallError(f"no app named {name!r} is installed (see: appliance apps list)")
     if current.previous_manifest_json is None:
         raise InstallError(f"app {name} has no previous version to roll back to")
     manifest = AppManifest.parse(current.previous_manifest_json.encode(), f"previous manifest of {name}")
-    record = _install_manifest(store, manifest, None, {})
-    store.audit("cli", "app.rollback", {"app": name, "from": current.version, "to": manifest.version})
+    record = _install_manifest(store, manifest, None, {}, actor, address)
+    store.audit(actor, "app.rollback", {"app": name, "from": current.version, "to": manifest.version}, address)
     return record
 
 
 def _install_manifest(store: Store, manifest: AppManifest, plans: list[PartitionPlan] | None,
-                      pins: Mapping[str, str]) -> AppRecord:
+                      pins: Mapping[str, str], actor: str = "cli", address: str | None = None) -> AppRecord:
     model = store.get_model(manifest.model.name, manifest.model.version)
     if model is None:
         raise InstallError(f"app {manifest.key} needs model {manifest.model.key}, which is not installed; "
@@ -260,7 +262,7 @@ def _install_manifest(store: Store, manifest: AppManifest, plans: list[Partition
         store.add_app(manifest.to_json(), manifest.name, manifest.version, manifest.model.name, manifest.model.version)
     except StoreError as e:
         raise InstallError(str(e)) from e
-    store.audit("cli", "app.install", {"app": manifest.key})
+    store.audit(actor, "app.install", {"app": manifest.key}, address)
     record = store.get_app(manifest.name)
     assert record is not None
     return record

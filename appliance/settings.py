@@ -66,6 +66,20 @@ class TopicSettings(_Section):
 class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # HTTPS for the console and API: a PEM certificate (chain) and its key, given together; the session
+    # cookie is then marked Secure. Without them the server speaks plain HTTP (fine on loopback).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 class IngestSettings(_Section):

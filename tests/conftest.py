@@ -8,6 +8,7 @@ import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -171,13 +172,19 @@ class Daemon:
     device: str
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
+    ssl_context: ssl.SSLContext | None = None  # set before start() for a daemon that serves HTTPS
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"daemon-{self.http_port}.log"
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.http_port}"
+
+    def cli(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(self.config), *args],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+                           input=input, stdin=None if input is not None else subprocess.DEVNULL)
         if check and r.returncode != 0:
             raise AssertionError(f"appliance {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r
@@ -201,13 +208,13 @@ class Daemon:
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as r:
+            with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=5, context=self.ssl_context) as r:
                 return r.status, json.load(r)
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.base_url}{path}", timeout=5, context=self.ssl_context) as r:
             data: bytes = r.read()
             return data
 

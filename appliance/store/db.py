@@ -34,12 +34,13 @@ The store records what it is told. Installing, removing, enabling and disabling 
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,27 +51,43 @@ from typing import Any, Generic, Self, TypeVar
 from sqlite_utils import Database
 
 from appliance.store.errors import (
+    LastAdmin,
     ModelExists,
     ModelInUse,
     ModelMissing,
     NotFound,
     StoreClosed,
     StoreError,
+    UserExists,
     translate,
 )
 from appliance.store.migrations import MIGRATIONS, Migration, apply_migrations
 from appliance.store.records import (
+    HANDLING_ACTIONS,
+    LANGUAGES,
+    ROLES,
     AppRecord,
     AuditRecord,
     EventRecord,
+    HandlingAction,
+    HandlingRecord,
+    Language,
     ModelRecord,
+    Role,
+    SessionRecord,
     SourceRecord,
+    TokenRecord,
+    UserRecord,
     app_from_row,
     audit_from_row,
     event_from_row,
     event_to_row,
+    handling_from_row,
     model_from_row,
+    session_from_row,
     source_from_row,
+    token_from_row,
+    user_from_row,
 )
 
 T = TypeVar("T")
@@ -97,7 +114,8 @@ def _rows(db: Database, sql: str, params: Iterable[object] = ()) -> list[dict[st
 
 
 class Store:
-    """The appliance's state: models, apps, sources, events, audit log, and the config generation.
+    """The appliance's state: models, apps, sources, events and their handling, users, sessions, API tokens,
+    the audit log, and the config generation.
 
     ``Store(path)`` opens (creating the file if needed) and migrates the database, and starts the writer
     thread; ``clock`` supplies timestamps (``installed_at``, audit ``ts``) and exists for tests.
@@ -439,15 +457,29 @@ class Store:
 
         self._write(write)
 
-    def recent_events(self, limit: int = 50, app: str | None = None, source: str | None = None) -> list[EventRecord]:
-        """The newest ``limit`` events, newest first, optionally only those of one app and/or source."""
-        where, params = [], []
-        if app is not None:
-            where.append("app = ?")
-            params.append(app)
-        if source is not None:
-            where.append("source = ?")
-            params.append(source)
+    def recent_events(
+        self,
+        limit: int = 50,
+        app: str | None = None,
+        source: str | None = None,
+        label: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[EventRecord]:
+        """The newest ``limit`` events, newest first, optionally only those of one app, source and/or label,
+        and with ``since <= ts < until`` (epoch seconds)."""
+        where: list[str] = []
+        params: list[object] = []
+        for column, value in (("app", app), ("source", source), ("label", label)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(float(since))
+        if until is not None:
+            where.append("ts < ?")
+            params.append(float(until))
         clause = f"WHERE {' AND '.join(where)} " if where else ""
         sql = f"SELECT * FROM events {clause}ORDER BY ts DESC, rowid DESC LIMIT ?"
         rows = self._read(lambda db: _rows(db, sql, [*params, max(0, int(limit))]))
@@ -496,16 +528,216 @@ class Store:
 
         return self._write(write)
 
+    # ---- event handling ---------------------------------------------------------------------------
+
+    def add_handling(self, event_id: str, action: HandlingAction, user: str, note: str = "") -> HandlingRecord:
+        """Record what ``user`` did about an event, now. Raises :class:`NotFound` if the event is not stored
+        (never stored, or removed by retention)."""
+        if action not in HANDLING_ACTIONS:
+            raise ValueError(f"handling action must be one of {', '.join(HANDLING_ACTIONS)}, not {action!r}")
+        ts = self._clock()
+
+        def write(db: Database) -> HandlingRecord:
+            if not _rows(db, "SELECT 1 FROM events WHERE id = ?", (event_id,)):
+                raise NotFound(f"event {event_id} is not stored (it may have been removed by retention)")
+            cursor = db.execute(
+                "INSERT INTO event_handling (event_id, action, user, ts, note) VALUES (?, ?, ?, ?, ?)",
+                (event_id, action, user, ts, note),
+            )
+            return HandlingRecord(int(cursor.lastrowid or 0), event_id, action, user, ts, note)
+
+        return self._write(write)
+
+    def event_handling(self, event_ids: Sequence[str]) -> dict[str, list[HandlingRecord]]:
+        """The handling of each of ``event_ids``, oldest first; events with none are left out."""
+        out: dict[str, list[HandlingRecord]] = {}
+        ids = list(dict.fromkeys(event_ids))
+        for start in range(0, len(ids), 500):  # stay well under SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT * FROM event_handling WHERE event_id IN ({marks}) ORDER BY ts, id"
+            for row in self._read(functools.partial(_rows, sql=sql, params=chunk)):
+                record = handling_from_row(row)
+                out.setdefault(record.event_id, []).append(record)
+        return out
+
+    # ---- users ------------------------------------------------------------------------------------
+
+    def add_user(self, name: str, role: Role, password_hash: str, language: Language = "en") -> UserRecord:
+        """Add a console user. Raises :class:`UserExists` if the name (compared without case) is taken."""
+        _check_user_fields(role, language)
+        created = self._clock()
+
+        def write(db: Database) -> UserRecord:
+            if _rows(db, "SELECT 1 FROM users WHERE name = ?", (name,)):
+                raise UserExists(name)
+            db.execute(
+                "INSERT INTO users (name, role, password_hash, language, created, disabled) VALUES (?, ?, ?, ?, ?, 0)",
+                (name, role, password_hash, language, created),
+            )
+            return UserRecord(name, role, password_hash, language, created, False)
+
+        return self._write(write)
+
+    def get_user(self, name: str) -> UserRecord | None:
+        """The user of that name, compared without case."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM users WHERE name = ?", (name,)))
+        return user_from_row(rows[0]) if rows else None
+
+    def list_users(self) -> list[UserRecord]:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM users ORDER BY name"))
+        return [user_from_row(r) for r in rows]
+
+    def user_count(self) -> int:
+        rows = self._read(lambda db: _rows(db, "SELECT count(*) AS n FROM users"))
+        return int(rows[0]["n"])
+
+    def update_user(
+        self,
+        name: str,
+        *,
+        role: Role | None = None,
+        password_hash: str | None = None,
+        language: Language | None = None,
+        disabled: bool | None = None,
+        end_sessions: bool = False,
+        keep_session: str | None = None,
+    ) -> UserRecord:
+        """Change a user and return the new record; with ``end_sessions`` also end their sessions (all but
+        the one whose hash is ``keep_session``) in the same transaction.
+
+        Raises :class:`NotFound`, and :class:`LastAdmin` if no enabled admin would be left.
+        """
+        _check_user_fields(role, language)
+
+        def write(db: Database) -> UserRecord:
+            rows = _rows(db, "SELECT * FROM users WHERE name = ?", (name,))
+            if not rows:
+                raise NotFound(f"no user named {name!r}")
+            old = user_from_row(rows[0])
+            new_role = role or old.role
+            new_disabled = old.disabled if disabled is None else disabled
+            if old.role == "admin" and not old.disabled and (new_role != "admin" or new_disabled):
+                _check_other_admin(db, old.name, "disabled" if new_disabled else f"made {new_role}")
+            db.execute(
+                "UPDATE users SET role = ?, password_hash = ?, language = ?, disabled = ? WHERE name = ?",
+                (new_role, password_hash or old.password_hash, language or old.language, int(new_disabled), old.name),
+            )
+            if end_sessions or new_disabled:
+                db.execute(
+                    "DELETE FROM sessions WHERE user = ? AND id_hash != ?", (old.name, keep_session or "")
+                )
+            return user_from_row(_rows(db, "SELECT * FROM users WHERE name = ?", (old.name,))[0])
+
+        return self._write(write)
+
+    def remove_user(self, name: str) -> UserRecord:
+        """Remove a user with their sessions and API tokens; their handling and audit lines stay.
+
+        Raises :class:`NotFound`, and :class:`LastAdmin` for the last enabled admin.
+        """
+
+        def write(db: Database) -> UserRecord:
+            rows = _rows(db, "SELECT * FROM users WHERE name = ?", (name,))
+            if not rows:
+                raise NotFound(f"no user named {name!r}")
+            old = user_from_row(rows[0])
+            if old.role == "admin" and not old.disabled:
+                _check_other_admin(db, old.name, "removed")
+            db.execute("DELETE FROM users WHERE name = ?", (old.name,))
+            return old
+
+        return self._write(write)
+
+    # ---- sessions ---------------------------------------------------------------------------------
+
+    def add_session(self, session: SessionRecord) -> None:
+        """Store a new session, and forget every session that has expired by its creation time."""
+
+        def write(db: Database) -> None:
+            db.execute("DELETE FROM sessions WHERE expires <= ?", (session.created,))
+            db.execute(
+                "INSERT INTO sessions (id_hash, user, csrf_token, created, expires, address) VALUES (?, ?, ?, ?, ?, ?)",
+                (session.id_hash, session.user, session.csrf_token, session.created, session.expires, session.address),
+            )
+
+        self._write(write)
+
+    def get_session(self, id_hash: str) -> tuple[SessionRecord, UserRecord] | None:
+        """The session with that hash and its user, expired or not (the caller compares ``expires``)."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM sessions WHERE id_hash = ?", (id_hash,)))
+        if not rows:
+            return None
+        session = session_from_row(rows[0])
+        user = self.get_user(session.user)
+        return None if user is None else (session, user)
+
+    def remove_session(self, id_hash: str) -> SessionRecord | None:
+        """End a session; returns it, or None if there was none."""
+
+        def write(db: Database) -> SessionRecord | None:
+            rows = _rows(db, "SELECT * FROM sessions WHERE id_hash = ?", (id_hash,))
+            db.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,))
+            return session_from_row(rows[0]) if rows else None
+
+        return self._write(write)
+
+    # ---- API tokens -------------------------------------------------------------------------------
+
+    def add_token(self, token: TokenRecord) -> None:
+        """Store an API token (its hash). Raises :class:`NotFound` if its user does not exist."""
+
+        def write(db: Database) -> None:
+            if not _rows(db, "SELECT 1 FROM users WHERE name = ?", (token.user,)):
+                raise NotFound(f"no user named {token.user!r}")
+            db.execute(
+                "INSERT INTO api_tokens (id, name, user, token_hash, created, last_used) VALUES (?, ?, ?, ?, ?, NULL)",
+                (token.id, token.name, token.user, token.token_hash, token.created),
+            )
+
+        self._write(write)
+
+    def find_token(self, token_hash: str) -> tuple[TokenRecord, UserRecord] | None:
+        """The token with that hash and its user."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM api_tokens WHERE token_hash = ?", (token_hash,)))
+        if not rows:
+            return None
+        token = token_from_row(rows[0])
+        user = self.get_user(token.user)
+        return None if user is None else (token, user)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM api_tokens ORDER BY user, created, id"))
+        return [token_from_row(r) for r in rows]
+
+    def remove_token(self, token_id: str) -> TokenRecord:
+        """Revoke a token. Raises :class:`NotFound` if there is none with that id."""
+
+        def write(db: Database) -> TokenRecord:
+            rows = _rows(db, "SELECT * FROM api_tokens WHERE id = ?", (token_id,))
+            if not rows:
+                raise NotFound(f"no API token with id {token_id!r} (see GET /api/v1/tokens)")
+            db.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
+            return token_from_row(rows[0])
+
+        return self._write(write)
+
+    def touch_token(self, token_id: str, ts: float) -> None:
+        """Record when a token was last used."""
+        self._write(lambda db: db.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?", (ts, token_id)))
+
     # ---- audit ------------------------------------------------------------------------------------
 
-    def audit(self, actor: str, action: str, detail: dict[str, object]) -> None:
-        """Append a line to the audit log. ``detail`` is stored as JSON (values JSON cannot hold as text)."""
+    def audit(self, actor: str, action: str, detail: dict[str, object], address: str | None = None) -> None:
+        """Append a line to the audit log: who, what, from where (a client address, ``local``), now.
+        ``detail`` is stored as JSON (values JSON cannot hold as text). Never put a secret in it."""
         text = json.dumps(detail, sort_keys=True, default=str)
         ts = self._clock()
 
         def write(db: Database) -> None:
             db.execute(
-                "INSERT INTO audit_log (ts, actor, action, detail) VALUES (?, ?, ?, ?)", (ts, actor, action, text)
+                "INSERT INTO audit_log (ts, actor, action, detail, address) VALUES (?, ?, ?, ?, ?)",
+                (ts, actor, action, text, address),
             )
 
         self._write(write)
@@ -514,6 +746,20 @@ class Store:
         """The newest ``limit`` audit lines, newest first."""
         rows = self._read(lambda db: _rows(db, "SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (max(0, limit),)))
         return [audit_from_row(r) for r in rows]
+
+
+def _check_user_fields(role: str | None, language: str | None) -> None:
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if language is not None and language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+
+
+def _check_other_admin(db: Database, name: str, change: str) -> None:
+    """Raise LastAdmin unless an enabled admin other than ``name`` exists."""
+    others = _rows(db, "SELECT 1 FROM users WHERE role = 'admin' AND disabled = 0 AND name != ? LIMIT 1", (name,))
+    if not others:
+        raise LastAdmin(name, change)
 
 
 def _check_json(text: str, what: str) -> None:

@@ -41,7 +41,30 @@ class SchemaTooNew(StoreError):
 
 
 class NotFound(StoreError):
-    """The named model, app or event is not in the store."""
+    """The named model, app, event, user or token is not in the store."""
+
+
+class Conflict(StoreError):
+    """The change contradicts what is stored (a name taken, the last admin removed)."""
+
+
+class UserExists(Conflict):
+    """A user of that name (compared without case) already exists."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"a user named {name!r} already exists; choose another name or change that user instead")
+
+
+class LastAdmin(Conflict):
+    """The change would leave no enabled admin, and so nobody who can manage users."""
+
+    def __init__(self, name: str, change: str) -> None:
+        self.name = name
+        super().__init__(
+            f"{name} is the last enabled admin and cannot be {change}; make another user admin first "
+            "(or add one on the box: appliance users add NAME --role admin)"
+        )
 
 
 class ModelExists(StoreError):

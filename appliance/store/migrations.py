@@ -110,9 +110,59 @@ INSERT INTO meta (key, value) VALUES ('config_generation', 0);
 # v2: the manifest an app had before its last upgrade, so it can be rolled back
 _V2 = "ALTER TABLE apps ADD COLUMN previous_manifest TEXT;"
 
+# v3: console accounts and alert handling. Users are named without regard to case; their sessions and
+# tokens go with them, but handling keeps the name of whoever did it (history outlives the account).
+# Handling goes with its event when retention removes the event.
+_V3 = """
+CREATE TABLE users (
+    name TEXT PRIMARY KEY COLLATE NOCASE,
+    role TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+    password_hash TEXT NOT NULL,
+    language TEXT NOT NULL DEFAULT 'en' CHECK (language IN ('en', 'zh')),
+    created REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1))
+);
+
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    user TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+    token_hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    last_used REAL
+);
+CREATE INDEX api_tokens_user ON api_tokens (user);
+
+CREATE TABLE sessions (
+    id_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+    csrf_token TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    address TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX sessions_user ON sessions (user);
+CREATE INDEX sessions_expires ON sessions (expires);
+
+CREATE TABLE event_handling (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    action TEXT NOT NULL CHECK (action IN ('acknowledged', 'false_positive', 'missed_detection', 'note')),
+    user TEXT NOT NULL,
+    ts REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX event_handling_event ON event_handling (event_id, ts);
+
+CREATE INDEX events_label_ts ON events (label, ts);
+
+ALTER TABLE audit_log ADD COLUMN address TEXT;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
+    Migration(3, _V3, "users, API tokens, sessions, event handling, audit_log.address"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -15,6 +15,13 @@ from typing import Any, Literal, cast
 
 SourceKind = Literal["camera", "sensor"]
 Box = tuple[float, float, float, float]
+Role = Literal["viewer", "operator", "admin"]
+Language = Literal["en", "zh"]
+HandlingAction = Literal["acknowledged", "false_positive", "missed_detection", "note"]
+
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # in rising order of what a role may do
+LANGUAGES: tuple[Language, ...] = ("en", "zh")
+HANDLING_ACTIONS: tuple[HandlingAction, ...] = ("acknowledged", "false_positive", "missed_detection", "note")
 
 
 @dataclass(slots=True, frozen=True)
@@ -105,13 +112,64 @@ class EventRecord:
 
 @dataclass(slots=True, frozen=True)
 class AuditRecord:
-    """One line of the audit log: who (``actor``) did what (``action``), with JSON ``detail``."""
+    """One line of the audit log: who (``actor``) did what (``action``) from where (``address``), with JSON
+    ``detail``. ``address`` is the client's IP address, ``local`` for the CLI, or None in lines written
+    before it was recorded."""
 
     id: int
     ts: float
     actor: str
     action: str
     detail: Mapping[str, object] = field(hash=False)
+    address: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class UserRecord:
+    """A console user. ``password_hash`` is the self-describing scrypt string from :mod:`appliance.auth`."""
+
+    name: str
+    role: Role
+    password_hash: str = field(repr=False)
+    language: Language
+    created: float
+    disabled: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class TokenRecord:
+    """An API token: only the SHA-256 of the secret is kept; the secret itself was shown once."""
+
+    id: str
+    name: str
+    user: str
+    token_hash: str = field(repr=False)
+    created: float
+    last_used: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class SessionRecord:
+    """A browser session: the cookie's SHA-256, its user and CSRF token, when it ends and where it began."""
+
+    id_hash: str = field(repr=False)
+    user: str
+    csrf_token: str = field(repr=False)
+    created: float
+    expires: float
+    address: str
+
+
+@dataclass(slots=True, frozen=True)
+class HandlingRecord:
+    """What a user did about an event, and when: acknowledged, false positive, missed detection or a note."""
+
+    id: int
+    event_id: str
+    action: HandlingAction
+    user: str
+    ts: float
+    note: str = ""
 
 
 def model_from_row(row: Mapping[str, Any]) -> ModelRecord:
@@ -187,10 +245,56 @@ def event_to_row(event: EventRecord) -> dict[str, object]:
 
 def audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
     detail = json.loads(row["detail"])
+    address = row.get("address")
     return AuditRecord(
         id=int(row["id"]),
         ts=float(row["ts"]),
         actor=str(row["actor"]),
         action=str(row["action"]),
         detail=detail if isinstance(detail, dict) else {"value": detail},
+        address=None if address is None else str(address),
+    )
+
+
+def user_from_row(row: Mapping[str, Any]) -> UserRecord:
+    return UserRecord(
+        name=str(row["name"]),
+        role=cast(Role, str(row["role"])),
+        password_hash=str(row["password_hash"]),
+        language=cast(Language, str(row["language"])),
+        created=float(row["created"]),
+        disabled=bool(row["disabled"]),
+    )
+
+
+def token_from_row(row: Mapping[str, Any]) -> TokenRecord:
+    return TokenRecord(
+        id=str(row["id"]),
+        name=str(row["name"]),
+        user=str(row["user"]),
+        token_hash=str(row["token_hash"]),
+        created=float(row["created"]),
+        last_used=None if row["last_used"] is None else float(row["last_used"]),
+    )
+
+
+def session_from_row(row: Mapping[str, Any]) -> SessionRecord:
+    return SessionRecord(
+        id_hash=str(row["id_hash"]),
+        user=str(row["user"]),
+        csrf_token=str(row["csrf_token"]),
+        created=float(row["created"]),
+        expires=float(row["expires"]),
+        address=str(row["address"]),
+    )
+
+
+def handling_from_row(row: Mapping[str, Any]) -> HandlingRecord:
+    return HandlingRecord(
+        id=int(row["id"]),
+        event_id=str(row["event_id"]),
+        action=cast(HandlingAction, str(row["action"])),
+        user=str(row["user"]),
+        ts=float(row["ts"]),
+        note=str(row["note"]),
     )
