@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck clean
+.PHONY: demo test bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,11 +18,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Regenerates docs/BENCHMARKS.md, its plots and docs/bench/results.json (about 20 minutes; not part of make test)
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --out docs
+
 lint: $(STAMP)
 	$(BIN)/ruff check appliance formats tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --ignore-missing-imports bench
 
 clean:
 	rm -rf $(VENV) .appliance .pytest_cache .mypy_cache

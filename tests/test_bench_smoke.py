@@ -1,0 +1,43 @@
+"""`make bench` still runs: the benchmark in its quick mode writes a complete report and its raw JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import SECTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_TIMEOUT_S = 240  # the quick mode takes under a minute on a 2-core machine; this only bounds a hang
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=QUICK_TIMEOUT_S, check=False)
+    assert r.returncode == 0, f"bench.run --quick failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    for section in SECTIONS:
+        assert section in results, f"results.json has no {section!r}"
+        value = results[section]
+        assert not (isinstance(value, dict) and "error" in value), f"{section} failed: {value}"
+    assert results["failed"] == []
+    assert set(results["idle"]) == {"embedded", "mosquitto"}
+    assert set(results["latency"]) >= {"appliance", "naive"}
+    assert results["limit"]["fps"] > 0 and all(row["fps"] > 0 for row in results["appliance"])
+    assert results["targets"], "the targets were evaluated"
+
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    for heading in ("## Conditions", "## Targets", "## 1. The limit", "## 2. The appliance end to end",
+                    "## Latency at 70 % load", "## 4. Overload", "## 5. Idle footprint", "## 6. Hot swap",
+                    "## 7. Memory per extra model"):
+        assert heading in report, f"BENCHMARKS.md has no {heading!r}"
+    for plot in ("throughput.png", "latency.png", "overload.png"):
+        png = tmp_path / "bench" / plot
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{plot} missing or not a PNG"
+        assert f"bench/{plot}" in report, f"BENCHMARKS.md does not show {plot}"
