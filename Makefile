@@ -20,10 +20,10 @@ test: $(STAMP)
 
 # Regenerates docs/BENCHMARKS.md, its plots and docs/bench/results.json (about 20 minutes; not part of make test)
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --out docs
+	$(BIN)/python -m bench.run --out docs --profile
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance formats tests
+	$(BIN)/ruff check appliance formats tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
