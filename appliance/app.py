@@ -83,8 +83,12 @@ class Daemon:
 
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
         providers = tuple((name, dict(options)) for name, options in session_providers(plan))
+        runtime = self.settings.runtime
+        executors = runtime.executors or plan.executors
+        # an explicit executor count shares the partition's cores among them unless intra_op_threads is set too
+        threads = runtime.intra_op_threads or (0 if runtime.executors else plan.intra_op_threads)
         return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
-                            intra_op_threads=self.settings.runtime.intra_op_threads or plan.intra_op_threads,
+                            intra_op_threads=threads, executors=executors,
                             max_image_pixels=self.settings.ingest.max_image_pixels,
                             max_batch=self.settings.runtime.max_batch,
                             max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)
@@ -355,7 +359,8 @@ class Daemon:
             "broker": {"mode": s.broker.mode, "host": s.broker.host, "port": s.broker.port,
                        "protocol": s.broker.mqtt_version, "connected": self.mqtt.connected},
             "partitions": [self._partition_status(p) for p in self.plans],
-            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "threads": w.threads, "restarts": w.restarts,
+            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "threads": w.threads,
+                         "executors": w.executors, "restarts": w.restarts,
                          "last_restart_reason": w.last_restart_reason, "inflight": w.inflight()}
                         for n, w in self.workers.items()],
             "models": [{"key": k, "state": m.state, "reason": m.reason, "providers": list(m.providers),

@@ -3,9 +3,11 @@
 Each loop decodes a pre-encoded JPEG, preprocesses it and runs the model (``mode="pipeline"``), or only
 runs the model on a preprocessed tensor (``mode="infer"``), with the decode and preprocess functions and
 session options the worker uses (``appliance.runtime.worker``): ``intra_op_num_threads`` threads,
-one inter-op thread, sequential execution. A *layout* is ``processes`` spawned processes with
-``threads`` intra-op threads each; with one thread per process each process is pinned to its own
-core, as the appliance pins a partition's worker.
+one inter-op thread, sequential execution. A *layout* is ``processes`` spawned processes, each with
+``loops`` threads running the loop on one shared session with ``threads`` intra-op threads; with one
+process per core and one thread each, each process is pinned to its own core. One process with a loop
+per core and one intra-op thread each is the appliance worker's layout on a CPU partition (its
+executor threads).
 
 A :class:`LimitPool` keeps a layout's processes and sessions alive, so that the limit can be measured
 again and again between the runs of the systems under test (the machine is shared: only measurements
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -44,6 +47,7 @@ class LayoutResult:
     mode: str
     processes: int
     threads: int
+    loops: int
     seconds: float
     frames: int
     fps: float
@@ -69,8 +73,11 @@ def session_options(threads: int) -> Any:
     return options
 
 
-def layout_name(processes: int, threads: int) -> str:
-    return f"{processes} process{'es' if processes > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+def layout_name(processes: int, threads: int, loops: int = 1) -> str:
+    name = f"{processes} process{'es' if processes > 1 else ''}"
+    if loops > 1:
+        name += f" x {loops} loops"
+    return f"{name} x {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _rss_mb() -> float:
@@ -88,35 +95,102 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
 
 
-def _serve(conn: Connection, model_dir: str, frames: list[bytes], threads: int, core: int | None,
-           barrier: Barrier) -> None:
-    """One process of a layout: load and warm up once, then run a loop each time it is asked."""
-    try:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
+class _Work:
+    """What one process of a layout has loaded: the session, the frames and the preprocessed tensors."""
+
+    def __init__(self, model_dir: str, frames: list[bytes], threads: int) -> None:
         import numpy as np
         import onnxruntime as ort
 
-        from appliance.runtime.processing import decode_image, decode_outputs, preprocess_image
+        from appliance.runtime.processing import decode_image, preprocess_image
         from formats.model_card import ImageInput, ModelCard
 
-        card = ModelCard.load(Path(model_dir) / "model.json")
+        self.card = card = ModelCard.load(Path(model_dir) / "model.json")
         spec = card.input
         if not isinstance(spec, ImageInput):
             raise TypeError("the benchmark model takes images")
-        names = card.output_names()
+        self.spec, self.frames, self.names = spec, frames, card.output_names()
         before = _rss_mb()
         t0 = time.perf_counter()
         data = (Path(model_dir) / "model.onnx").read_bytes()
-        session = ort.InferenceSession(data, sess_options=session_options(threads),
-                                       providers=["CPUExecutionProvider"])
-        session.run(names, {spec.name: np.zeros((1, 3, spec.height, spec.width), np.float32)})
-        load_s = time.perf_counter() - t0
-        session_mb = _rss_mb() - before
-        tensors = [preprocess_image(decode_image(f), spec) for f in frames[:8]]
+        self.session = ort.InferenceSession(data, sess_options=session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.session.run(self.names, {spec.name: np.zeros((1, 3, spec.height, spec.width), np.float32)})
+        self.load_s = time.perf_counter() - t0
+        self.session_mb = _rss_mb() - before
+        self.tensors = [preprocess_image(decode_image(f), spec)[0] for f in frames[:8]]
         for i in range(WARMUP_RUNS):
-            session.run(names, {spec.name: tensors[i % len(tensors)][0]})
-        conn.send({"ready": True, "session_mb": session_mb, "load_s": load_s})
+            self.session.run(self.names, {spec.name: self.tensors[i % len(self.tensors)]})
+
+    def loop(self, seconds: float, mode: Mode, first: int) -> dict[str, Any]:
+        """Run frames from index ``first`` on for ``seconds``; the frame count and per-frame times."""
+        from appliance.runtime.processing import decode_image, decode_outputs, preprocess_image
+
+        spec, names, frames = self.spec, self.names, self.frames
+        stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "infer": []}
+        per_frame: list[float] = []
+        n = first
+        start = time.perf_counter()
+        end = start + seconds
+        now = start
+        while now < end:
+            t1 = time.perf_counter()
+            if mode == "pipeline":
+                rgb = decode_image(frames[n % len(frames)])
+                t2 = time.perf_counter()
+                tensor, transform = preprocess_image(rgb, spec)
+                t3 = time.perf_counter()
+                raw = self.session.run(names, {spec.name: tensor})
+                decode_outputs(self.card, dict(zip(names, raw, strict=True)), transform)
+                now = time.perf_counter()
+                if len(per_frame) < MAX_SAMPLES:
+                    stages["decode"].append(t2 - t1)
+                    stages["preprocess"].append(t3 - t2)
+                    stages["infer"].append(now - t3)
+            else:
+                self.session.run(names, {spec.name: self.tensors[n % len(self.tensors)]})
+                now = time.perf_counter()
+            if len(per_frame) < MAX_SAMPLES:
+                per_frame.append(now - t1)
+            n += 1
+        return {"frames": n - first, "elapsed": now - start, "per_frame": per_frame, "stages": stages}
+
+
+def _run_loops(work: _Work, seconds: float, mode: Mode, loops: int) -> dict[str, Any]:
+    """``loops`` threads running the loop at once on the one session; their reports merged."""
+    if loops == 1:
+        return work.loop(seconds, mode, 0)
+    reports: list[dict[str, Any]] = [{} for _ in range(loops)]
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            reports[i] = work.loop(seconds, mode, i * 7)
+        except Exception as e:  # noqa: BLE001 - re-raised in the process's main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(loops)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    elapsed = max(r["elapsed"] for r in reports)
+    return {"frames": sum(r["frames"] for r in reports), "elapsed": elapsed,
+            "fps": sum(r["frames"] / r["elapsed"] for r in reports),
+            "per_frame": [v for r in reports for v in r["per_frame"]],
+            "stages": {k: [v for r in reports for v in r["stages"][k]] for k in ("decode", "preprocess", "infer")}}
+
+
+def _serve(conn: Connection, model_dir: str, frames: list[bytes], threads: int, loops: int, core: int | None,
+           barrier: Barrier) -> None:
+    """One process of a layout: load and warm up once, then run the loops each time it is asked."""
+    try:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+        work = _Work(model_dir, frames, threads)
+        conn.send({"ready": True, "session_mb": work.session_mb, "load_s": work.load_s})
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it with the layout's name
         conn.send({"error": f"{type(e).__name__}: {e}"})
         return
@@ -129,34 +203,8 @@ def _serve(conn: Connection, model_dir: str, frames: list[bytes], threads: int, 
             return
         _, seconds, mode = msg
         try:
-            stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "infer": []}
-            per_frame: list[float] = []
             barrier.wait(LOAD_TIMEOUT_S)
-            n = 0
-            start = time.perf_counter()
-            end = start + seconds
-            now = start
-            while now < end:
-                t1 = time.perf_counter()
-                if mode == "pipeline":
-                    rgb = decode_image(frames[n % len(frames)])
-                    t2 = time.perf_counter()
-                    tensor, transform = preprocess_image(rgb, spec)
-                    t3 = time.perf_counter()
-                    raw = session.run(names, {spec.name: tensor})
-                    decode_outputs(card, dict(zip(names, raw, strict=True)), transform)
-                    now = time.perf_counter()
-                    if len(per_frame) < MAX_SAMPLES:
-                        stages["decode"].append(t2 - t1)
-                        stages["preprocess"].append(t3 - t2)
-                        stages["infer"].append(now - t3)
-                else:
-                    session.run(names, {spec.name: tensors[n % len(tensors)][0]})
-                    now = time.perf_counter()
-                if len(per_frame) < MAX_SAMPLES:
-                    per_frame.append(now - t1)
-                n += 1
-            conn.send({"frames": n, "elapsed": now - start, "per_frame": per_frame, "stages": stages})
+            conn.send(_run_loops(work, seconds, mode, loops))
         except Exception as e:  # noqa: BLE001 - reported to the parent
             barrier.abort()
             conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -165,21 +213,21 @@ def _serve(conn: Connection, model_dir: str, frames: list[bytes], threads: int, 
 class LimitPool:
     """The processes of one layout, with their sessions loaded, waiting for ``run``."""
 
-    def __init__(self, model_dir: Path, frames: list[bytes], processes: int, threads: int) -> None:
-        self.processes, self.threads = processes, threads
-        self.name = layout_name(processes, threads)
+    def __init__(self, model_dir: Path, frames: list[bytes], processes: int, threads: int, loops: int = 1) -> None:
+        self.processes, self.threads, self.loops = processes, threads, loops
+        self.name = layout_name(processes, threads, loops)
         ctx = mp.get_context("spawn")
         # kept here: the children open the barrier's semaphores by name after start() has dropped its args
         self._barrier = barrier = ctx.Barrier(processes)
         cores = sorted(os.sched_getaffinity(0))
-        pin = threads == 1 and processes <= len(cores)
+        pin = threads == 1 and loops == 1 and processes <= len(cores)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         for i in range(processes):
             parent, child = ctx.Pipe()
             self._conns.append(parent)
             self._procs.append(ctx.Process(target=_serve, daemon=True, args=(
-                child, str(model_dir), frames, threads, cores[i] if pin else None, barrier)))
+                child, str(model_dir), frames, threads, loops, cores[i] if pin else None, barrier)))
         self.session_mb = 0.0
         self.load_s = 0.0
 
@@ -225,12 +273,13 @@ class LimitPool:
         for conn in self._conns:
             conn.send(("run", seconds, mode))
         reports = self._reports(seconds + REPORT_GRACE_S, f"a {seconds:g} s {mode} run")
-        per_process = [r["frames"] / r["elapsed"] for r in reports]
+        per_process = [r.get("fps", r["frames"] / r["elapsed"]) for r in reports]
         per_frame = [v for r in reports for v in r["per_frame"]]
         stage_ms = {k: float(np.median([v for r in reports for v in r["stages"][k]]) * 1000) if mode == "pipeline"
                     else 0.0 for k in ("decode", "preprocess", "infer")}
         return LayoutResult(
-            name=self.name, mode=mode, processes=self.processes, threads=self.threads, seconds=seconds,
+            name=self.name, mode=mode, processes=self.processes, threads=self.threads, loops=self.loops,
+            seconds=seconds,
             frames=sum(r["frames"] for r in reports), fps=sum(per_process), per_frame_ms=_percentiles(per_frame),
             stage_ms=stage_ms, session_mb=self.session_mb, load_s=self.load_s, per_process_fps=per_process)
 

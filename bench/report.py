@@ -295,9 +295,12 @@ def _conditions(r: dict[str, Any]) -> list[str]:
          f"{_get(c, 'model', 'input')}; {_get(c, 'model', 'file_mb')} MB file. Built by `bench/models.py`."),
         (f"- Frames: {_get(c, 'frames', 'count')} different {_get(c, 'frames', 'size')}, "
          f"{_get(c, 'frames', 'mean_bytes')} bytes on average, encoded before the run."),
-        (f"- Threads: the appliance's worker and the naive baseline use {_get(c, 'threads', 'appliance_worker')} "
-         "intra-op threads (one per core, the appliance's default), 1 inter-op thread, sequential execution; the "
-         "limit tries that layout and one process per core with one thread each (pinned)."),
+        (f"- Threads: the appliance's worker runs {_get(c, 'threads', 'appliance_executors')} executor threads "
+         f"(one per core, the default on a CPU partition) on one session with "
+         f"{_get(c, 'threads', 'appliance_intra_op')} intra-op thread; the naive baseline uses one thread with "
+         f"{_get(c, 'threads', 'naive')} intra-op threads (one per core, ONNX Runtime's default); both 1 inter-op "
+         "thread, sequential execution. The limit tries both layouts and one process per core with one thread "
+         "each (pinned), and takes the best."),
         ("- Broker: Mosquitto on loopback for the appliance and the naive baseline (the same broker; the naive "
          "baseline listens on other topics); the appliance with its embedded broker (amqtt, MQTT 3.1.1) as a "
          "third system. Frames are QoS 0 and carry their send time as the MQTT 5 user property `ts`, so each "

@@ -58,7 +58,7 @@ class Runner:
         self.quiet = C.Quiet(plan.tries, plan.quiet_percent, plan.retry_budget_s)
         self.results: dict[str, Any] = {}
         self.failed: list[str] = []
-        self._pool_layouts: list[tuple[int, int]] = []  # (processes, threads) of the limit's layouts
+        self._pool_layouts: list[tuple[int, int, int]] = []  # (processes, threads, loops) of the limit's layouts
         self.drain_s = 0.2 if plan.quick else 0.5  # open loop: results still collected after the last frame
 
     def part(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -102,11 +102,13 @@ class Runner:
         ctx = self.ctx
         n = ctx.threads
         pools = {}
-        for processes, threads in ((n, 1), (1, n)) if n > 1 else ((1, 1),):
-            pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads))
+        # one process per core; one process with a thread per core; the worker's layout: one process with a
+        # loop (executor) per core, one thread each
+        for processes, threads, loops in ((n, 1, 1), (1, n, 1), (1, 1, n)) if n > 1 else ((1, 1, 1),):
+            pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads, loops))
             pools[pool.name] = pool
-        same = next(p.name for p in pools.values() if p.processes == 1)
-        self._pool_layouts = [(p.processes, p.threads) for p in pools.values()]
+        same = next(p.name for p in pools.values() if p.processes == 1 and p.threads == 1)
+        self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
         s = C.Systems(pools, same)
         for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None)):
             daemon = stack.enter_context(Appliance(ctx.workdir, broker_port=port))
@@ -164,12 +166,12 @@ class Runner:
         ctx = self.ctx
         with ExitStack() as stack:
             pools = {}
-            for processes, threads in self._pool_layouts:
-                pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads))
+            for processes, threads, loops in self._pool_layouts:
+                pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads, loops))
                 pools[pool.name] = pool
             if not pools:
                 raise BenchError("no limit layouts to measure again")
-            same = next(p.name for p in pools.values() if p.processes == 1)
+            same = next(p.name for p in pools.values() if p.processes == 1 and p.threads == 1)
             return C.reference(ctx, C.Systems(pools, same), self.quiet)
 
 

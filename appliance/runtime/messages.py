@@ -16,7 +16,8 @@ class WorkerConfig:
     providers: tuple[tuple[str, dict[str, str]], ...] = (("CPUExecutionProvider", {}),)
     env: dict[str, str] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES, set before ONNX Runtime loads
     cores: tuple[int, ...] = ()  # CPU cores the process is pinned to; empty: all it was given
-    intra_op_threads: int = 0  # 0: one per core
+    intra_op_threads: int = 0  # per session; 0: the cores shared out among the executors
+    executors: int = 1  # threads that each run one job (or batch) at a time
     max_image_pixels: int = 40_000_000
     max_batch: int = 1  # frames run through a model at once where its first axis is dynamic
     max_batch_delay_s: float = 0.002  # how long the worker waits for more frames to fill a batch
@@ -74,6 +75,7 @@ class Shutdown:
 class Ready:
     pid: int
     threads: int
+    executors: int
 
 
 @dataclass(slots=True, frozen=True)

@@ -87,7 +87,8 @@ class PartitionPlan:
     compute_percent: int = 100  # below 100 only for soft slices
     env: dict[str, str] = field(default_factory=dict)  # set in the worker before ONNX Runtime loads
     providers: Providers = CPU_PROVIDERS  # for onnxruntime.InferenceSession(providers=...), preferred first
-    intra_op_threads: int = 1
+    intra_op_threads: int = 1  # per session and executor
+    executors: int = 1  # jobs the worker runs at once (threads, each with its own intra-op threads)
     gpu_index: int | None = None  # NVML index of the GPU this partition is on (also for MIG), for utilisation
 
     @property
@@ -135,8 +136,10 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
 
 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:
+    # one executor per core, each with one ONNX Runtime thread: a frame's decode overlaps another's inference
+    # (measured in docs/BENCHMARKS.md: faster than one executor with a thread per core)
     return PartitionPlan(name=name, device="cpu", kind="cpu", cores=tuple(sorted(cores)), memory_mb=memory_mb,
-                         intra_op_threads=len(cores))
+                         intra_op_threads=1, executors=len(cores))
 
 
 def _auto(inv: Inventory) -> list[PartitionPlan]:

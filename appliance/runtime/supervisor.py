@@ -34,7 +34,7 @@ from appliance.runtime.messages import (
     VectorJob,
     WorkerConfig,
 )
-from appliance.runtime.worker import worker_main
+from appliance.runtime.worker import current_slots, worker_main
 from appliance.settings import RuntimeSettings
 from appliance.tasks import cancel_and_wait
 
@@ -94,16 +94,18 @@ class WorkerSupervisor:
         self.state: WorkerStateName = "stopped"
         self.pid: int | None = None
         self.threads = 0  # ONNX Runtime intra-op threads per session, as the worker set them
+        self.executors = config.executors  # jobs the worker runs at once
         self.restarts = 0
         self.last_restart_reason = ""
         self._backoff = settings.restart_backoff_min_s
         self._started_at = 0.0
         self._kill_reason: str | None = None
+        self._kill_culprits: list[str] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._restart_handle: asyncio.TimerHandle | None = None
         self._stopping = False
         self._send_lock = threading.Lock()
-        self._current: Any = None  # [job id, model index] the worker is on; see worker._mark
+        self._current: Any = None  # per executor [job id, model index], then a loading flag; see worker.py
         self._loading: dict[str, float] = {}  # model key -> when its Load was sent (loads run in order)
 
     # lifecycle
@@ -133,7 +135,7 @@ class WorkerSupervisor:
         self._generation += 1
         gen = self._generation
         parent, child = self._ctx.Pipe(duplex=True)
-        self._current = self._ctx.Array("q", [0, -1], lock=False)
+        self._current = self._ctx.Array("q", current_slots(self.config.executors), lock=False)
         proc = self._ctx.Process(
             target=worker_main, args=(child, self.config, self._current), name=f"worker-{self.config.partition}", daemon=True
         )
@@ -146,6 +148,7 @@ class WorkerSupervisor:
         self._loading.clear()
         self._started_at = time.monotonic()
         self._kill_reason = None
+        self._kill_culprits = []
         threading.Thread(target=self._read, args=(parent, proc, gen), name=f"worker-reader-{gen}", daemon=True).start()
         for spec in self._desired.values():
             self._request_load(spec)
@@ -221,7 +224,8 @@ class WorkerSupervisor:
     def capacity(self) -> int:
         if self.state != "ready":
             return 0
-        limit = max(self._settings.max_inflight, self._settings.max_batch + 1)  # room to fill a batch
+        # each executor busy with a batch and the next one waiting
+        limit = max(self._settings.max_inflight, self.executors * (self._settings.max_batch + 1))
         return max(0, limit - len(self._pending))
 
     def submit_image(self, models: tuple[str, ...], data: bytes) -> asyncio.Future[JobDone]:
@@ -285,14 +289,14 @@ class WorkerSupervisor:
             self.state = "ready"
             self.pid = msg.pid
             self.threads = msg.threads
+            self.executors = msg.executors
             self._changed()
 
     def _on_exit(self, gen: int, exitcode: int | None) -> None:
         if gen != self._generation or self._stopping:
             return
         reason = self._kill_reason or f"worker exited unexpectedly (exit code {exitcode})"
-        culprit = self._culprit()
-        if culprit is not None:
+        for culprit in self._kill_culprits if self._kill_reason else self._culprits():
             self._strike(culprit, reason)
         self._fail_pending(reason)
         self.restarts += 1
@@ -310,24 +314,35 @@ class WorkerSupervisor:
         assert self._loop is not None
         self._restart_handle = self._loop.call_later(delay, self._spawn)
 
-    def _culprit(self) -> str | None:
-        """The model that was running (or loading) when the worker died, or None (idle, or decoding a frame).
-
-        The worker handles messages in order, so whichever was sent first, the oldest load or the oldest job,
-        is the one it was busy with.
-        """
-        oldest_job = min((p.sent for p in self._pending.values()), default=None)
-        if self._loading:
-            key = min(self._loading, key=self._loading.__getitem__)
-            if oldest_job is None or self._loading[key] < oldest_job:
-                return key
+    def _running(self) -> dict[int, str]:
+        """Job id -> the model each executor is running (not decoding, not idle), from the shared markers."""
+        running: dict[int, str] = {}
         if self._current is None:
+            return running
+        for slot in range(self.config.executors):
+            job_id, index = int(self._current[2 * slot]), int(self._current[2 * slot + 1])
+            pending = self._pending.get(job_id)
+            if pending is not None and 0 <= index < len(pending.job.models):
+                running[job_id] = pending.job.models[index]
+        return running
+
+    def _loading_now(self) -> str | None:
+        """The model the worker is loading (loads run one at a time, in the order sent), or None."""
+        if self._current is None or not int(self._current[-1]) or not self._loading:
             return None
-        job_id, index = int(self._current[0]), int(self._current[1])
-        pending = self._pending.get(job_id)
-        if pending is None or not 0 <= index < len(pending.job.models):
-            return None
-        return pending.job.models[index]
+        return min(self._loading, key=self._loading.__getitem__)
+
+    def _culprits(self) -> list[str]:
+        """The models that were running when the worker died; else the one loading; else none (idle or decoding).
+
+        Two executors running two different models when the process crashed both get a strike; a strike is
+        cleared by the model's next good result, so an innocent model is not quarantined by a neighbour.
+        """
+        running = sorted(set(self._running().values()))
+        if running:
+            return running
+        loading = self._loading_now()
+        return [loading] if loading else []
 
     def _strike(self, key: str, reason: str) -> None:
         state = self.models.get(key)
@@ -356,16 +371,21 @@ class WorkerSupervisor:
                 key = min(self._loading, key=self._loading.__getitem__)
                 age = time.monotonic() - self._loading[key]
                 if age > load_limit:
-                    self._kill_reason = f"loading {key} took {age:.1f} s (limit {load_limit:g} s); worker killed"
-                    log.error("worker %s stuck: %s", self.config.partition, self._kill_reason)
-                    self._proc.kill()
+                    self._kill([key], f"loading {key} took {age:.1f} s (limit {load_limit:g} s); worker killed")
                     continue
             if not self._pending:
                 continue
             oldest = min(self._pending.values(), key=lambda p: p.sent)
             age = time.monotonic() - oldest.sent
             if age > limit:
-                models = self._culprit() or ", ".join(oldest.job.models)
-                self._kill_reason = f"inference on {models} ran {age:.1f} s (limit {limit:g} s); worker killed"
-                log.error("worker %s stuck: %s", self.config.partition, self._kill_reason)
-                self._proc.kill()
+                # the oldest job is the one stuck: its executor's marker names the model it is in
+                culprit = self._running().get(oldest.job.job_id)
+                models = culprit or ", ".join(oldest.job.models)
+                self._kill([culprit] if culprit else [],
+                           f"inference on {models} ran {age:.1f} s (limit {limit:g} s); worker killed")
+
+    def _kill(self, culprits: list[str], reason: str) -> None:
+        self._kill_reason, self._kill_culprits = reason, culprits
+        log.error("worker %s stuck: %s", self.config.partition, reason)
+        if self._proc is not None:
+            self._proc.kill()

@@ -1,15 +1,24 @@
-"""The worker process: owns the ONNX Runtime sessions of one partition and runs jobs in order.
+"""The worker process: owns the ONNX Runtime sessions of one partition and runs its jobs.
 
 Runs in a process of its own (spawned, never forked) so that a model that crashes or hangs takes
 down this process only; the supervisor in the main process restarts it. Decoding and preprocessing
 happen here too, so the main process never holds decoded pixels.
+
+Threads: the main thread only reads the pipe and hands messages on, so the daemon's writes never
+wait on a busy worker. ``executors`` threads each take a job (or a batch), decode, preprocess and run
+it; on a CPU partition there is one per core, each running ONNX Runtime with one intra-op thread, so
+one frame's decode overlaps another's inference (ONNX Runtime, Pillow and NumPy release the GIL for
+the heavy parts). One loader thread loads and unloads models in order, so a model being loaded or
+warmed up never stops the models that are serving.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import signal
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -43,9 +52,11 @@ class _Model:
 
 
 def _threads(config: WorkerConfig) -> int:
+    """ONNX Runtime intra-op threads per session: the cores shared out among the executor threads."""
     if config.intra_op_threads:
         return config.intra_op_threads
-    return len(config.cores) if config.cores else len(os.sched_getaffinity(0))
+    cores = len(config.cores) if config.cores else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, config.executors))
 
 
 def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
@@ -92,18 +103,30 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
 
 
-# Shared with the supervisor: [job id, index of the model running, -1 while decoding]. If this process
-# dies or hangs, the supervisor reads it to blame the model that was running, not its neighbours.
+# Shared with the supervisor: per executor [job id, index of the model running (-1: decoding or idle)],
+# then one flag that is 1 while a model loads. If this process dies or hangs, the supervisor reads it to
+# blame the model that was running, not its neighbours (see ``current_slots``).
 Current = Any
 
 
-def _mark(current: Current, job_id: int, index: int) -> None:
-    current[0] = job_id
-    current[1] = index
+def current_slots(executors: int) -> list[int]:
+    """The initial contents of the shared marker array for a worker with ``executors`` executor threads."""
+    return [0, -1] * executors + [0]
+
+
+class _Marker:
+    """One executor's slot in the shared marker array."""
+
+    def __init__(self, current: Current, slot: int) -> None:
+        self._current, self._at = current, 2 * slot
+
+    def __call__(self, job_id: int, index: int) -> None:
+        self._current[self._at] = job_id
+        self._current[self._at + 1] = index
 
 
 def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], config: WorkerConfig,
-               current: Current) -> list[JobDone]:
+               mark: _Marker) -> list[JobDone]:
     """Decode each frame once, then feed each model its frames: in one batch where the model allows it."""
     import numpy as np
 
@@ -113,7 +136,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
     pixels: dict[int, Any] = {}
     for job in jobs:
         t0 = time.perf_counter()
-        _mark(current, job.job_id, -1)
+        mark(job.job_id, -1)
         if isinstance(job, ImageJob):
             try:
                 pixels[job.job_id] = decode_image(job.data, max_pixels=config.max_image_pixels)
@@ -137,7 +160,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
                 dones[job.job_id] = JobDone(job.job_id, rejected=(e.reason, e.detail))
         size = config.max_batch if model.batchable else 1
         for chunk in (prepared[i:i + size] for i in range(0, len(prepared), size)):
-            _mark(current, chunk[0][0].job_id, chunk[0][0].models.index(key))
+            mark(chunk[0][0].job_id, chunk[0][0].models.index(key))
             t1 = time.perf_counter()
             try:
                 feed = chunk[0][1] if len(chunk) == 1 else np.concatenate([tensor for _, tensor, _ in chunk])
@@ -152,6 +175,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
             for job, _, _ in chunk:
                 dones[job.job_id].infer_s[key] = elapsed
                 dones[job.job_id].batch[key] = len(chunk)
+    mark(jobs[-1].job_id, -1)
     return [dones[job.job_id] for job in jobs]
 
 
@@ -170,25 +194,57 @@ def _prepare(model: _Model, job: ImageJob | VectorJob, rgb: Any) -> tuple[Any, A
     return vector_from_telemetry(job.values, spec), None
 
 
-def _next_jobs(first: ImageJob | VectorJob, conn: Connection, config: WorkerConfig,
-               deferred: list[object]) -> list[ImageJob | VectorJob]:
-    """``first`` plus the jobs that arrive within ``max_batch_delay_s``, up to ``max_batch``.
-
-    A control message that arrives meanwhile is kept in ``deferred`` and handled after the batch, in order.
-    """
-    jobs = [first]
-    if config.max_batch <= 1:
-        return jobs
+def _next_jobs(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], config: WorkerConfig) -> list[ImageJob | VectorJob]:
+    """The next job, plus those that arrive within ``max_batch_delay_s``, up to ``max_batch``."""
+    jobs = [jobs_in.get()]
     deadline = time.perf_counter() + config.max_batch_delay_s
-    while len(jobs) < config.max_batch and not deferred:
-        if not conn.poll(max(0.0, deadline - time.perf_counter())):
+    while len(jobs) < config.max_batch:
+        try:
+            jobs.append(jobs_in.get(timeout=max(0.0, deadline - time.perf_counter())))
+        except queue.Empty:
             break
-        msg = conn.recv()
-        if isinstance(msg, (ImageJob, VectorJob)):
-            jobs.append(msg)
-        else:
-            deferred.append(msg)
     return jobs
+
+
+class _Replies:
+    """The pipe back to the daemon, shared by the threads of this process."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, msg: object) -> None:
+        try:
+            with self._lock:
+                self._conn.send(msg)
+        except (OSError, ValueError):
+            os._exit(0)  # the daemon is gone: nobody is left to answer
+
+
+def _execute(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], models: dict[str, _Model], config: WorkerConfig,
+             mark: _Marker, replies: _Replies) -> None:
+    while True:
+        for done in _run_batch(_next_jobs(jobs_in, config), models, config, mark):
+            replies.send(done)
+
+
+def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, _Model], config: WorkerConfig,
+                   current: Current, replies: _Replies) -> None:
+    while True:
+        msg = control.get()
+        if isinstance(msg, Unload):
+            models.pop(msg.key, None)  # the session (and its memory arena) is freed once no executor runs it
+            continue
+        current[-1] = 1
+        before = _rss_mb()
+        try:
+            model, ms = _load(msg.spec, config)
+        except Exception as e:  # noqa: BLE001 - reported to the supervisor, the worker keeps serving
+            replies.send(LoadFailed(msg.spec.key, f"{type(e).__name__}: {e}"))
+            continue
+        finally:
+            current[-1] = 0
+        models[msg.spec.key] = model
+        replies.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms, max(0.0, _rss_mb() - before)))
 
 
 def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> None:
@@ -204,26 +260,23 @@ def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> Non
         if allowed:
             os.sched_setaffinity(0, allowed)
     models: dict[str, _Model] = {}
-    conn.send(Ready(pid=os.getpid(), threads=_threads(config)))
-    deferred: list[object] = []
+    replies = _Replies(conn)
+    jobs: queue.SimpleQueue[ImageJob | VectorJob] = queue.SimpleQueue()
+    control: queue.SimpleQueue[Load | Unload] = queue.SimpleQueue()
+    threading.Thread(target=_load_in_order, args=(control, models, config, current, replies), name="loader",
+                     daemon=True).start()
+    for slot in range(config.executors):
+        threading.Thread(target=_execute, args=(jobs, models, config, _Marker(current, slot), replies),
+                         name=f"executor-{slot}", daemon=True).start()
+    replies.send(Ready(pid=os.getpid(), threads=_threads(config), executors=config.executors))
     while True:
         try:
-            msg = deferred.pop(0) if deferred else conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             return
         if isinstance(msg, (ImageJob, VectorJob)):
-            for done in _run_batch(_next_jobs(msg, conn, config, deferred), models, config, current):
-                conn.send(done)
-        elif isinstance(msg, Load):
-            before = _rss_mb()
-            try:
-                model, ms = _load(msg.spec, config)
-            except Exception as e:  # noqa: BLE001 - reported to the supervisor, the worker keeps serving
-                conn.send(LoadFailed(msg.spec.key, f"{type(e).__name__}: {e}"))
-                continue
-            models[msg.spec.key] = model
-            conn.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms, max(0.0, _rss_mb() - before)))
-        elif isinstance(msg, Unload):
-            models.pop(msg.key, None)  # the session (and its memory arena) is freed with it
+            jobs.put(msg)
+        elif isinstance(msg, (Load, Unload)):
+            control.put(msg)
         elif isinstance(msg, Shutdown):
             return
