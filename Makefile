@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck clean
+.PHONY: demo test bench lint typecheck messages clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict --ignore-missing-imports bench
+
+# The console's translations: extract every _("...") into messages.pot and merge it into each catalog;
+# then translate the new (empty) entries in appliance/console/locales/*/LC_MESSAGES/messages.po
+LOCALES := appliance/console/locales
+messages: $(STAMP)
+	$(BIN)/pybabel extract --no-location --omit-header --sort-output -F appliance/console/babel.cfg -k N_ \
+		-o $(LOCALES)/messages.pot .
+	$(BIN)/pybabel update --no-fuzzy-matching --omit-header -i $(LOCALES)/messages.pot -d $(LOCALES) -D messages
 
 clean:
 	rm -rf $(VENV) .appliance .pytest_cache .mypy_cache

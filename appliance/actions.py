@@ -6,9 +6,18 @@ themselves, so a change cannot skip its audit line.
 
 from __future__ import annotations
 
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
 from appliance import packages
 from appliance.auth import Actor
-from appliance.store import AppRecord, HandlingAction, HandlingRecord, NotFound, Store
+from appliance.events import write_atomically
+from appliance.rules import draw_snapshot
+from appliance.store import AppRecord, EventRecord, HandlingAction, HandlingRecord, NotFound, Store
+
+REPORTED_APP = "(reported)"  # the app of an alert an operator raised by hand
 
 
 def handle_event(store: Store, event_id: str, action: HandlingAction, note: str, by: Actor) -> HandlingRecord:
@@ -30,3 +39,26 @@ def rollback_app(store: Store, name: str, by: Actor) -> AppRecord:
     if store.get_app(name) is None:
         raise NotFound(f"no app named {name!r} is installed (see GET /api/v1/apps)")
     return packages.rollback_app(store, name, by.name, by.address)
+
+
+def report_missed(store: Store, snapshots_dir: Path, source: str, frame: bytes, label: str, note: str,
+                  by: Actor) -> EventRecord:
+    """An operator saw something on a camera's frame that no app flagged: keep the frame as an alert,
+    marked as a missed detection, so it is counted and can go back for retraining."""
+    now = time.time()
+    event_id = uuid.uuid4().hex
+    rel = f"snapshots/{datetime.fromtimestamp(now, UTC).strftime('%Y-%m-%d')}/{event_id}.jpg"
+    try:
+        snapshot: bytes | None = draw_snapshot(frame, [])
+    except (ValueError, OSError):
+        snapshot = None  # the frame does not decode: the alert is kept without a picture
+    if snapshot is not None:
+        write_atomically(snapshots_dir.parent / rel, snapshot)
+    event = EventRecord(id=event_id, ts=now, app=REPORTED_APP, source=source, rule="reported by an operator",
+                        label=label or "missed", score=0.0, box=None, snapshot=rel if snapshot else None,
+                        snapshot_bytes=len(snapshot or b""), created=now)
+    store.add_event(event)
+    store.add_handling(event_id, "missed_detection", by.name, note)
+    store.audit(by.name, "event.report_missed", {"event": event_id, "source": source, "label": event.label,
+                                                 "note": note}, by.address)
+    return event

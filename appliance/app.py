@@ -23,12 +23,15 @@ import uvicorn
 from appliance import __version__
 from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
+from appliance.console.diagnostics import build_bundle
+from appliance.console.live import LiveFeed
 from appliance.errors import ApplianceError, ConfigError
 from appliance.events import EventSink
 from appliance.http.security import Console, is_loopback
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.ingest.ingest import Ingest
+from appliance.logs import RECENT_LOGS
 from appliance.metrics import Metrics, PartitionSample, cpu_seconds
 from appliance.pipeline import Pipeline
 from appliance.runtime.deploy import placement_for
@@ -79,6 +82,7 @@ class Daemon:
         self._http: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._generation = -1
+        self.live = LiveFeed()  # new events for the console's open pages
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
@@ -143,7 +147,8 @@ class Daemon:
         sock = self._bind_http()
         if self.broker is not None:
             self.broker.start()
-        self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1))
+        self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1),
+                                on_event=self.live.publish)
         self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue,
                                  self._publish_result if s.outputs.results else None)
         self.ingest = Ingest(self.mqtt, s, self.stats, self.pipeline.accepts, self.pipeline.offer)
@@ -156,11 +161,15 @@ class Daemon:
         self.mqtt.subscribe(self.commands_topic, self._on_command)
         self.mqtt.start()
         h = s.http
-        console = Console(self.store, Accounts(self.store), s.snapshots_dir, self.status, secure_cookies=h.tls)
+        store = self.store
+        console = Console(store, Accounts(store), s.snapshots_dir, self.status, secure_cookies=h.tls, stats=self.stats,
+                          live=self.live, diagnostics=lambda: build_bundle(s, store, self.status, RECENT_LOGS.lines,
+                                                                           self.inventory.to_json))
         app = build_app(self.status, self.metrics, self.healthy, console)
         # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
         self._http = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False, server_header=False,
+            timeout_graceful_shutdown=5,
             ssl_certfile=str(h.tls_cert) if h.tls_cert else None, ssl_keyfile=str(h.tls_key) if h.tls_key else None))
         self._tasks = [
             asyncio.create_task(self._http.serve(sockets=[sock]), name="http"),
@@ -236,6 +245,7 @@ class Daemon:
         return asyncio.create_task(loop(), name=name)
 
     async def stop(self) -> None:
+        self.live.close()  # open console pages' streams end, so the HTTP server stops at once
         if self._http is not None:
             self._http.should_exit = True
         for task in self._tasks:

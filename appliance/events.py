@@ -50,8 +50,10 @@ def event_json(event: EventRecord, device: str) -> bytes:
 
 
 class EventSink:
-    def __init__(self, store: Store, settings: Settings, publish: Callable[[str, bytes], object]) -> None:
+    def __init__(self, store: Store, settings: Settings, publish: Callable[[str, bytes], object],
+                 on_event: Callable[[EventRecord], None] = lambda event: None) -> None:
         self._store = store
+        self._on_event = on_event  # the console's live feed
         self._settings = settings
         self._publish = publish
         self._topic = f"{settings.topics.appliance}/{settings.device_id}/events"
@@ -73,6 +75,7 @@ class EventSink:
             snapshot_bytes=size, created=time.time())
         await loop.run_in_executor(None, self._store.add_event, event)
         self._publish(self._topic, event_json(event, self._settings.device_id))
+        self._on_event(event)
         log.info("event %s: app %s rule %s on %s: %s %.2f", event_id[:8], firing.app, firing.rule, firing.source,
                  d.label, d.score)
         return event

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 
 THROTTLE_S = 60.0  # the same (source, reason) is logged at most once per this many seconds
@@ -34,3 +35,26 @@ class ThrottledLog:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if RECENT_LOGS not in logging.getLogger().handlers:
+        logging.getLogger().addHandler(RECENT_LOGS)
+
+
+class RecentLogs(logging.Handler):
+    """The daemon's last ``capacity`` log lines, kept in memory for the console's diagnostics bundle."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        self._lines: deque[str] = deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+    def lines(self) -> list[str]:
+        return list(self._lines)
+
+
+RECENT_LOGS = RecentLogs()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +17,9 @@ SourceKind = Literal["camera", "sensor"]
 
 RATE_WINDOW_S = 10  # fps are averaged over this many seconds
 UNKNOWN_SOURCES_KEPT = 64  # distinct unknown source ids remembered for status (oldest forgotten)
+TREND_SAMPLES = 120  # telemetry samples kept per sensor for the console's trend chart
+
+Trend = list[tuple[float, dict[str, float]]]
 
 
 class RateMeter:
@@ -52,6 +55,8 @@ class SourceStats:
     last_seen: float = 0.0
     last_reject: tuple[float, str, str] | None = None  # ts, reason, detail
     last_values: dict[str, float] = field(default_factory=dict)
+    last_frame: tuple[float, bytes] | None = None  # camera: when, and the encoded image (for the console)
+    trend: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: deque(maxlen=TREND_SAMPLES))
     rx: RateMeter = field(default_factory=RateMeter)
     px: RateMeter = field(default_factory=RateMeter)
     sx: RateMeter = field(default_factory=RateMeter)
@@ -110,9 +115,27 @@ class Stats:
                 self.unknown.popitem(last=False)
             return seen is None
 
-    def values(self, source: str, values: dict[str, float]) -> None:
+    def values(self, source: str, values: dict[str, float], now: float) -> None:
         with self._lock:
-            self._get(source, "sensor").last_values = dict(values)
+            s = self._get(source, "sensor")
+            s.last_values = dict(values)
+            s.trend.append((now, s.last_values))
+
+    def frame(self, source: str, data: bytes, now: float) -> None:
+        """Keep a camera's latest accepted frame (one per camera), for the console's Sources page."""
+        with self._lock:
+            self._get(source, "camera").last_frame = (now, data)
+
+    def last_frame(self, source: str) -> tuple[float, bytes] | None:
+        with self._lock:
+            s = self._sources.get(source)
+            return s.last_frame if s is not None else None
+
+    def trend(self, source: str) -> Trend:
+        """The sensor's recent samples, oldest first."""
+        with self._lock:
+            s = self._sources.get(source)
+            return list(s.trend) if s is not None else []
 
     def event(self, app: str) -> None:
         with self._lock:

@@ -60,7 +60,15 @@ def describe_request_error(exc: RequestValidationError) -> tuple[str, list[str]]
 
 
 async def error_response(request: Request, exc: Exception) -> Response:
-    """The one handler, registered for every error class the server can meet."""
+    """The one handler, registered for every error class the server can meet; on the console's pages the
+    console renders the error as a page (``app.state.page_errors``)."""
+    page_errors = getattr(request.app.state, "page_errors", None)
+    if page_errors is not None and not request.url.path.startswith(("/api/", "/healthz", "/metrics", "/static/")):
+        if isinstance(exc, Exception) and status_for(exc) == 500 and not isinstance(
+                exc, (ApplianceError, StoreError, RequestValidationError, StarletteHTTPException)):
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        response: Response = await page_errors(request, exc)
+        return response
     headers: dict[str, str] = {}
     body: dict[str, object]
     if isinstance(exc, RequestValidationError):

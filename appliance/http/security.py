@@ -19,7 +19,7 @@ import hmac
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +35,8 @@ from appliance.auth import (
     PermissionDenied,
     Principal,
 )
+from appliance.console.live import LiveFeed
+from appliance.stats import Stats
 from appliance.store import Role, Store
 
 SESSION_COOKIE = "appliance_session"
@@ -58,6 +60,9 @@ class Console:
     snapshots_dir: Path  # event snapshots are served from here and from nowhere else
     status: Callable[[], dict[str, Any]]
     secure_cookies: bool  # the server runs under TLS: cookies are marked Secure
+    stats: Stats | None = None  # cameras' latest frames and sensors' trends, for the console's Sources page
+    live: LiveFeed = field(default_factory=LiveFeed)  # new events, for the console's live alert list
+    diagnostics: Callable[[], bytes] | None = None  # the support bundle (a zip), see appliance.console.diagnostics
 
 
 def console(request: Request) -> Console:

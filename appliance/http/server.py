@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.auth import PermissionDenied
+from appliance.console.install import install_console
 from appliance.http.api import router as api_router
 from appliance.http.docs import render_docs
 from appliance.http.errors import install_error_handler
@@ -83,6 +84,7 @@ def build_app(status: Callable[[], dict[str, Any]], metrics: Metrics, healthy: C
         return app
     app.state.console = console
     app.include_router(api_router)
+    install_console(app)
 
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi(who: Admin) -> dict[str, Any]:

@@ -148,6 +148,7 @@ class Ingest:
                     captured = value
             except ValueError:
                 pass
+        self._stats.frame(source, msg.payload, msg.received)
         self._offer(Frame(source, "camera", msg.topic, msg.received, captured, data=msg.payload))
 
     def _on_telemetry(self, msg: ReceiveMessage) -> None:
@@ -159,7 +160,7 @@ class Ingest:
         except Rejected as e:
             self.reject(source, "sensor", e.reason, e.detail)
             return
-        self._stats.values(source, values)
+        self._stats.values(source, values, ts or msg.received)
         self._offer(Frame(source, "sensor", msg.topic, msg.received, ts or msg.received, values=values))
 
 

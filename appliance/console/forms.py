@@ -1,0 +1,172 @@
+"""The console's forms (POST): log in and out, language, handling alerts, reporting a missed detection,
+apps, users, and the diagnostics download.
+
+Every form carries the session's CSRF token (checked in :func:`appliance.http.security.optional_user`),
+every route checks the role on the server, and every change goes through :mod:`appliance.actions` or
+:class:`appliance.auth.Accounts`, which write the audit line. After a form the browser is sent back
+to the page it came from (303), with a note of what was done.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from appliance import actions
+from appliance.auth import LoginFailed, NoUsersYet, Principal, TooManyAttempts
+from appliance.console.web import (
+    LANGUAGE_COOKIE,
+    PageAdmin,
+    PageOperator,
+    PageViewer,
+    back,
+    language_choice,
+    localizer,
+    render,
+    safe_next,
+)
+from appliance.http.security import (
+    clear_session_cookie,
+    client_address,
+    console,
+    optional_user,
+    set_session_cookie,
+)
+from appliance.store import HANDLING_ACTIONS, ROLES, HandlingAction, NotFound, Role
+
+router = APIRouter(include_in_schema=False)
+
+Short = Annotated[str, Form(max_length=200)]
+Note = Annotated[str, Form(max_length=2000)]
+Secret = Annotated[str, Form(max_length=1024)]
+LANGUAGE_COOKIE_S = 365 * 86400
+
+
+@router.post("/login")
+def login(request: Request, user: Short, password: Secret, next: Short = "/") -> Response:
+    ctx = console(request)
+    try:
+        session = ctx.accounts.login(user, password, client_address(request))
+    except (LoginFailed, NoUsersYet, TooManyAttempts) as e:
+        code = 429 if isinstance(e, TooManyAttempts) else 401
+        kind = "limited" if isinstance(e, TooManyAttempts) else "no_users" if isinstance(e, NoUsersYet) else "wrong"
+        loc = localizer(request, None)
+        return render(request, "login.html", None, status_code=code, next=safe_next(next), ended=False,
+                      error=kind, detail=str(e), name=user, lang=loc.language)
+    response = back(safe_next(next))
+    set_session_cookie(response, session, ctx.secure_cookies)
+    response.set_cookie(LANGUAGE_COOKIE, session.user.language, max_age=LANGUAGE_COOKIE_S, samesite="strict",
+                        secure=ctx.secure_cookies)
+    return response
+
+
+@router.post("/logout")
+def logout(who: PageViewer, request: Request) -> Response:
+    ctx = console(request)
+    ctx.accounts.logout(who, client_address(request))
+    response = back("/login")
+    clear_session_cookie(response, ctx.secure_cookies)
+    return response
+
+
+@router.post("/language")
+def language(request: Request, who: Annotated[Principal | None, Depends(optional_user)], lang: Short,
+             next: Short = "/") -> Response:
+    """Switch language: the user's own setting when logged in, and the login page's (a cookie) either way."""
+    chosen = language_choice(lang)
+    if chosen is None:
+        raise NotFound(f"no such language {lang!r}: choose en or zh")
+    ctx = console(request)
+    if who is not None and who.via == "session" and who.user.language != chosen:
+        ctx.accounts.update_user(who.name, who.actor(client_address(request)), language=chosen)
+    response = back(safe_next(next))
+    response.set_cookie(LANGUAGE_COOKIE, chosen, max_age=LANGUAGE_COOKIE_S, samesite="strict",
+                        secure=ctx.secure_cookies)
+    return response
+
+
+@router.post("/alerts/{event_id}/handle")
+def handle(event_id: str, who: PageOperator, request: Request, action: Short, note: Note = "",
+           next: Short = "") -> Response:
+    if action not in HANDLING_ACTIONS:
+        raise NotFound(f"no such handling {action!r}: one of {', '.join(HANDLING_ACTIONS)}")
+    chosen: HandlingAction = action
+    if chosen == "note" and not note.strip():
+        return back(safe_next(next or f"/alerts/{event_id}"), "empty_note")
+    actions.handle_event(console(request).store, event_id[:64], chosen, note.strip(),
+                         who.actor(client_address(request)))
+    return back(safe_next(next or f"/alerts/{event_id}"), chosen)
+
+
+@router.post("/sources/{source_id}/missed")
+def report_missed(source_id: str, who: PageOperator, request: Request, label: Short = "", note: Note = "") -> Response:
+    """An operator saw something on a camera's latest frame that no app flagged: keep that frame as an alert."""
+    ctx = console(request)
+    frame = ctx.stats.last_frame(source_id[:64]) if ctx.stats else None
+    if frame is None:
+        raise NotFound(f"no frame from camera {source_id[:64]} to report: wait for the camera to send one")
+    event = actions.report_missed(ctx.store, ctx.snapshots_dir, source_id[:64], frame[1], label.strip(),
+                                  note.strip(), who.actor(client_address(request)))
+    ctx.live.publish(event)
+    return back(f"/alerts/{event.id}", "missed_detection")
+
+
+@router.post("/apps/{name}/{what}")
+def app_action(name: str, what: str, who: PageAdmin, request: Request) -> Response:
+    store, by = console(request).store, who.actor(client_address(request))
+    if what in ("enable", "disable"):
+        actions.set_app_enabled(store, name[:64], what == "enable", by)
+    elif what == "rollback":
+        actions.rollback_app(store, name[:64], by)
+    else:
+        raise NotFound(f"no such app action {what!r}: enable, disable or rollback")
+    return back("/apps", f"app_{what}")
+
+
+@router.post("/users")
+def add_user(who: PageAdmin, request: Request, name: Short, role: Short, password: Secret,
+             lang: Short = "en") -> Response:
+    if role not in ROLES:
+        raise NotFound(f"no such role {role!r}: admin, operator or viewer")
+    chosen: Role = role
+    console(request).accounts.add_user(name.strip(), chosen, password, who.actor(client_address(request)),
+                                       language=language_choice(lang) or "en")
+    return back("/users", "user_added")
+
+
+@router.post("/users/{name}/update")
+def update_user(name: str, who: PageAdmin, request: Request, role: Short = "", disabled: Short = "",
+                password: Secret = "") -> Response:
+    if role and role not in ROLES:
+        raise NotFound(f"no such role {role!r}: admin, operator or viewer")
+    console(request).accounts.update_user(
+        name[:64], who.actor(client_address(request)), role=role or None,
+        disabled={"yes": True, "no": False}.get(disabled), password=password or None)
+    return back("/users", "user_updated")
+
+
+@router.post("/users/{name}/remove")
+def remove_user(name: str, who: PageAdmin, request: Request) -> Response:
+    console(request).accounts.remove_user(name[:64], who.actor(client_address(request)))
+    return back("/users", "user_removed")
+
+
+@router.get("/system/diagnostics.zip")
+async def diagnostics(who: PageOperator, request: Request) -> Response:
+    """The support bundle: logs, status, configuration without secrets, audit; the download is audited."""
+    ctx = console(request)
+    if ctx.diagnostics is None:
+        raise NotFound("this server has no diagnostics bundle")
+    data = await run_in_threadpool(ctx.diagnostics)
+    await run_in_threadpool(ctx.store.audit, who.name, "diagnostics.download", {"bytes": len(data)},
+                            client_address(request))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    device = re.sub(r"[^A-Za-z0-9._-]", "_", str(ctx.status().get("device") or "appliance"))[:64]
+    return Response(data, media_type="application/zip", headers={
+        "content-disposition": f'attachment; filename="diagnostics-{device}-{stamp}.zip"',
+        "cache-control": "no-store"})

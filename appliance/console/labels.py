@@ -1,0 +1,35 @@
+"""Words for the states, roles and actions the daemon reports as identifiers, marked for translation.
+
+``N_`` only marks a string for ``make messages``; the page translates it when it shows it
+(``label("silent")`` in a template).
+"""
+
+from __future__ import annotations
+
+
+def N_(message: str) -> str:
+    return message
+
+
+LABELS: dict[str, str] = {
+    # menu
+    "Overview": N_("Overview"), "Alerts": N_("Alerts"), "Sources": N_("Sources"),
+    "Apps and models": N_("Apps and models"), "System": N_("System"), "Users": N_("Users"),
+    # roles
+    "admin": N_("admin"), "operator": N_("operator"), "viewer": N_("viewer"),
+    # sources
+    "receiving": N_("Receiving"), "silent": N_("Silent"), "rejecting": N_("Rejecting"),
+    "camera": N_("Camera"), "sensor": N_("Sensor"),
+    # apps, models, workers
+    "serving": N_("Serving"), "degraded": N_("Degraded"), "disabled": N_("Disabled"),
+    "not placed": N_("Not placed"), "loading": N_("Loading"), "ready": N_("Ready"), "failed": N_("Failed"),
+    "quarantined": N_("Quarantined"), "starting": N_("Starting"), "restarting": N_("Restarting"),
+    "stopped": N_("Stopped"),
+    # handling
+    "acknowledged": N_("Acknowledged"), "false_positive": N_("False positive"),
+    "missed_detection": N_("Missed detection"), "note": N_("Note"),
+    # health
+    "green": N_("Working normally"), "amber": N_("Working, with warnings"), "red": N_("Needs attention"),
+    # time filters
+    "1h": N_("Last hour"), "24h": N_("Last 24 hours"), "7d": N_("Last 7 days"), "30d": N_("Last 30 days"),
+}
