@@ -45,13 +45,15 @@ class ApiServer:
     accounts: Accounts = field(init=False)
     port: int = field(init=False)
     passwords: dict[str, str] = field(default_factory=dict)
+    stats: Stats = field(default_factory=lambda: Stats(30.0))  # cameras' latest frames, sensors' trends
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "appliance.db")
         self.accounts = Accounts(self.store, scrypt=FAST_SCRYPT, limiter=LoginLimiter(self.limits))
-        console = Console(self.store, self.accounts, self.state_dir / "snapshots", self.status, self.secure_cookies)
-        self.app = build_app(self.status, Metrics(Stats(30.0), list), lambda: (True, ""), console)
+        console = Console(self.store, self.accounts, self.state_dir / "snapshots", self.status, self.secure_cookies,
+                          stats=self.stats)
+        self.app = build_app(self.status, Metrics(self.stats, list), lambda: (True, ""), console)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))

@@ -1,14 +1,17 @@
-"""`make demo` runs `appliance demo`: it must show events within 10 seconds and stop cleanly on Ctrl-C."""
+"""`make demo` runs `appliance demo`: it must show events within 10 seconds, say how to log in to the console,
+and stop cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT, free_port
@@ -17,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp_path / "state"), "APPLIANCE_HTTP__PORT": str(free_port()),
+    http_port = free_port()
+    env = {**os.environ, "APPLIANCE_STATE_DIR": str(tmp_path / "state"), "APPLIANCE_HTTP__PORT": str(http_port),
            "APPLIANCE_BROKER__PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "demo"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -25,11 +29,19 @@ def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     lines: list[str] = []
     started = None
     seen = set()
+    console: tuple[str, str] | None = None
     try:
         for line in proc.stdout:
             lines.append(line)
             if "Demo running" in line:
                 started = time.monotonic()
+            found = re.search(r"web console: +(\S+) +log in as user (\S+), password (\S+) ", line)
+            if found:
+                url, user, password = found.groups()
+                assert url == f"http://127.0.0.1:{http_port}/"
+                console = (user, password)
+                r = httpx.post(f"{url}login", data={"user": user, "password": password}, timeout=30)
+                assert r.status_code == 303 and r.headers["location"] == "/", "the printed login works"
             if line.startswith("EVENT"):
                 seen.add(line.split()[1])
                 assert started is not None
@@ -45,4 +57,7 @@ def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     assert "ppe-watch" in seen, f"no camera event:\n{text}"
     assert "gas-watch" in seen, f"no gas event:\n{text}"
     assert proc.returncode == 0 and "appliance stopped" in text
+    assert console is not None, f"the demo says how to log in to the console:\n{text}"
+    assert console[1] in (tmp_path / "state" / "demo-admin-password.txt").read_text()
+    assert (tmp_path / "state" / "demo-admin-password.txt").stat().st_mode & 0o077 == 0, "only its owner reads it"
     assert "Traceback" not in text and "ERROR" not in text, text

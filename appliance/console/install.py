@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
@@ -12,8 +14,6 @@ from appliance.auth import CsrfRefused, PermissionDenied
 from appliance.console import forms, pages, stream
 from appliance.console.web import HERE, LoginRequired, PageRefused, error_page, localizer
 from appliance.http.errors import describe_request_error, status_for
-
-API_PREFIXES = ("/api/", "/healthz", "/metrics", "/static/")
 
 
 def install_console(app: FastAPI) -> None:
@@ -26,15 +26,10 @@ def install_console(app: FastAPI) -> None:
         app.add_exception_handler(kind, page_error)
 
 
-def is_page(request: Request) -> bool:
-    """Errors on these paths are pages; on the API, monitoring and assets they stay JSON."""
-    return not request.url.path.startswith(API_PREFIXES)
-
-
 async def page_error(request: Request, exc: Exception) -> Response:
     """An error on a page: the login for a missing session, else a page that says what to do next."""
     if isinstance(exc, LoginRequired):
-        query = f"?next={exc.next_url}" + ("&ended=1" if exc.ended else "")
+        query = f"?next={quote(exc.next_url, safe='/')}" + ("&ended=1" if exc.ended else "")
         return RedirectResponse(f"/login{query}", status_code=303)
     loc = localizer(request, None)
     _ = loc.gettext

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from pathlib import Path
 
 from appliance import packages
 from appliance.app import Daemon, run
+from appliance.auth import Accounts, Actor
 from appliance.demo.modelgen import build_anomaly, build_detector
 from appliance.demo.simulators import CameraSimulator, GasSensorSimulator
 from appliance.ingest.client import MqttClient, ReceiveMessage
@@ -54,9 +56,30 @@ def install_demo(settings: Settings) -> None:
                 packages.install_app(store, path)
 
 
+DEMO_ADMIN = "admin"
+DEMO_PASSWORD_FILE = "demo-admin-password.txt"
+
+
+def demo_login(settings: Settings) -> str:
+    """How to log in to the demo's console. The first run makes an admin with a random password (never a
+    default one), kept in a file only its owner can read so that later runs can say it again."""
+    path = settings.state_dir / DEMO_PASSWORD_FILE
+    with Store(settings.db_path) as store:
+        if store.user_count() == 0:
+            password = "-".join(secrets.token_urlsafe(6) for _ in range(3))
+            Accounts(store).add_user(DEMO_ADMIN, "admin", password, Actor("demo", "local"))
+            path.touch(mode=0o600)
+            path.write_text(password + "\n", encoding="utf-8")
+            return f"user {DEMO_ADMIN}, password {password} (made for this demo; also in {path})"
+    if path.exists():
+        return f"user {DEMO_ADMIN}, password in {path}"
+    return "with a user made by `appliance users add NAME --role admin`"
+
+
 def run_demo(settings: Settings) -> int:
     setup_logging(settings.log_level)
     install_demo(settings)
+    login = demo_login(settings)
     b, t = settings.broker, settings.topics
     sims = [CameraSimulator(b, "cam1", 0, prefix=t.cameras), CameraSimulator(b, "cam2", 1, prefix=t.cameras),
             GasSensorSimulator(b, "gas1", prefix=t.sensors)]
@@ -75,8 +98,10 @@ def run_demo(settings: Settings) -> int:
         for sim in sims:
             sim.start()
         h = settings.http
+        scheme = "https" if h.tls else "http"
         print(f"""
 Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish to the embedded broker.
+  web console:     {scheme}://{h.host}:{h.port}/   log in as {login}
   events on MQTT:  mosquitto_sub -h {b.host} -p {b.port} -t '{events_topic}' -v
   stored events:   .venv/bin/appliance events
   live status:     .venv/bin/appliance status     (or http://{h.host}:{h.port}/api/status and /metrics)

@@ -17,6 +17,8 @@ from appliance.store import Conflict, ModelExists, ModelInUse, ModelMissing, Not
 
 log = logging.getLogger(__name__)
 
+NOT_PAGES = ("/api/", "/healthz", "/metrics", "/static/")  # errors here stay JSON, even with the console
+
 # the most specific class first
 STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     (NotAuthenticated, 401),
@@ -63,7 +65,7 @@ async def error_response(request: Request, exc: Exception) -> Response:
     """The one handler, registered for every error class the server can meet; on the console's pages the
     console renders the error as a page (``app.state.page_errors``)."""
     page_errors = getattr(request.app.state, "page_errors", None)
-    if page_errors is not None and not request.url.path.startswith(("/api/", "/healthz", "/metrics", "/static/")):
+    if page_errors is not None and not request.url.path.startswith(NOT_PAGES):
         if isinstance(exc, Exception) and status_for(exc) == 500 and not isinstance(
                 exc, (ApplianceError, StoreError, RequestValidationError, StarletteHTTPException)):
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
