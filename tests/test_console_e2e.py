@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import io
+import json
 import ssl
+import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,7 @@ import httpx
 import pytest
 
 from appliance.demo.scene import render_frame
-from tests.conftest import DaemonFactory, Publisher, wait_until, write_app
+from tests.conftest import MOSQUITTO_BASE, DaemonFactory, Mosquitto, Publisher, free_port, wait_until, write_app
 from tests.test_broker_auth import make_pki
 
 pytestmark = pytest.mark.slow
@@ -151,3 +155,41 @@ def test_a_real_event_is_handled_through_the_api(make_daemon: DaemonFactory, mod
     assert {("event.handle", "shift-lead"), ("app.disable", "boss"), ("token.create", "boss")} <= lines
     api_status = admin.get("/api/v1/status").json()
     assert api_status["device"] == d.device and api_status["health"]["ok"]
+
+
+def test_diagnostics_bundle_has_what_support_needs_and_no_secrets(tmp_path: Path,
+                                                                   make_daemon: DaemonFactory) -> None:
+    port = free_port()
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "appliance", "s3cret-broker-pw"], check=True)
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n")
+    broker = Mosquitto(port, conf)
+    broker.start()
+    try:
+        d = make_daemon(broker_port=port, broker_extra='username = "appliance"\npassword = "s3cret-broker-pw"')
+        d.cli("users", "add", "lead", "--role", "operator", "--password-stdin", input=PASSWORD + "\n")
+        d.cli("users", "add", "nurse", "--role", "viewer", "--password-stdin", input=NEW_PASSWORD + "\n")
+        viewer = httpx.Client(base_url=d.base_url, timeout=30)
+        viewer.post("/login", data={"user": "nurse", "password": NEW_PASSWORD})
+        assert viewer.get("/system/diagnostics.zip").status_code == 403, "viewers cannot download it"
+        operator = httpx.Client(base_url=d.base_url, timeout=30)
+        assert operator.post("/login", data={"user": "lead", "password": PASSWORD}).status_code == 303
+        assert 'href="/system/diagnostics.zip"' in operator.get("/system").text
+        r = operator.get("/system/diagnostics.zip")
+    finally:
+        broker.stop()
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert f'filename="diagnostics-{d.device}-' in r.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        files = {name: z.read(name).decode() for name in z.namelist()}
+    assert set(files) == {"status.json", "settings.json", "logs.txt", "audit.json", "hardware.json", "versions.json"}
+    settings = json.loads(files["settings.json"])
+    assert settings["broker"]["password"] == "<redacted>" and settings["broker"]["username"] == "appliance"
+    assert json.loads(files["status.json"])["device"] == d.device
+    assert "HTTP http://127.0.0.1" in files["logs.txt"], "the daemon's own log lines"
+    assert any(a["action"] == "login" and a["actor"] == "lead" for a in json.loads(files["audit.json"]))
+    assert json.loads(files["versions.json"])["appliance"]
+    bundle = "".join(files.values())
+    for secret in ("s3cret-broker-pw", PASSWORD, NEW_PASSWORD):
+        assert secret not in bundle, "a secret in the diagnostics bundle"
