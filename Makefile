@@ -35,7 +35,7 @@ LOCALES := appliance/console/locales
 messages: $(STAMP)
 	$(BIN)/pybabel extract --no-location --omit-header --sort-output -F appliance/console/babel.cfg -k N_ \
 		-o $(LOCALES)/messages.pot .
-	$(BIN)/pybabel update --no-fuzzy-matching --omit-header -i $(LOCALES)/messages.pot -d $(LOCALES) -D messages
+	$(BIN)/pybabel update --no-fuzzy-matching --ignore-obsolete -i $(LOCALES)/messages.pot -d $(LOCALES) -D messages
 
 clean:
 	rm -rf $(VENV) .appliance .pytest_cache .mypy_cache

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.auth import CsrfRefused, PermissionDenied
 from appliance.console import forms, pages, stream
+from appliance.console.labels import LABELS
 from appliance.console.web import HERE, LoginRequired, PageRefused, error_page, localizer
 from appliance.http.errors import describe_request_error, status_for
 
@@ -35,7 +36,7 @@ async def page_error(request: Request, exc: Exception) -> Response:
     _ = loc.gettext
     if isinstance(exc, PageRefused):
         message = _("This needs the {role} role, and {user} is {current}.").format(
-            role=exc.needed, user=exc.principal.name, current=exc.principal.role)
+            role=_(LABELS[exc.needed]), user=exc.principal.name, current=_(LABELS[exc.principal.role]))
         return error_page(request, 403, message, _("Ask an admin to change your role if you need this."),
                           principal=exc.principal)
     if isinstance(exc, CsrfRefused):
