@@ -90,6 +90,18 @@ class Mosquitto:
         self.proc = None
 
 
+def mosquitto_with_password(folder: Path, user: str, password: str) -> Mosquitto:
+    """A started Mosquitto on a free loopback port that lets in only ``user`` with ``password``."""
+    port = free_port()
+    passwd = folder / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), user, password], check=True)
+    conf = folder / "m.conf"
+    conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n")
+    broker = Mosquitto(port, conf)
+    broker.start()
+    return broker
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     if shutil.which("mosquitto") is None:

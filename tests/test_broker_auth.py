@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import MOSQUITTO_BASE, DaemonFactory, Mosquitto, free_port, wait_until
+from tests.conftest import MOSQUITTO_BASE, DaemonFactory, Mosquitto, free_port, mosquitto_with_password, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +48,8 @@ def make_pki(d: Path) -> None:
 
 
 def test_password_protected_broker(tmp_path: Path, make_daemon: DaemonFactory) -> None:
-    port = free_port()
-    passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "appliance", "s3cret-pw"], check=True)
-    conf = tmp_path / "m.conf"
-    conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n")
-    broker = Mosquitto(port, conf)
-    broker.start()
+    broker = mosquitto_with_password(tmp_path, "appliance", "s3cret-pw")
+    port = broker.port
     try:
         good = make_daemon(broker_port=port, broker_extra='username = "appliance"\npassword = "s3cret-pw"')
         assert good.status()["broker"]["connected"]

@@ -6,7 +6,6 @@ import getpass
 import io
 import json
 import ssl
-import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from appliance.demo.scene import render_frame
-from tests.conftest import MOSQUITTO_BASE, DaemonFactory, Mosquitto, Publisher, free_port, wait_until, write_app
+from tests.conftest import DaemonFactory, Publisher, mosquitto_with_password, wait_until, write_app
 from tests.test_broker_auth import make_pki
 
 pytestmark = pytest.mark.slow
@@ -159,15 +158,9 @@ def test_a_real_event_is_handled_through_the_api(make_daemon: DaemonFactory, mod
 
 def test_diagnostics_bundle_has_what_support_needs_and_no_secrets(tmp_path: Path,
                                                                    make_daemon: DaemonFactory) -> None:
-    port = free_port()
-    passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "appliance", "s3cret-broker-pw"], check=True)
-    conf = tmp_path / "m.conf"
-    conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n")
-    broker = Mosquitto(port, conf)
-    broker.start()
+    broker = mosquitto_with_password(tmp_path, "appliance", "s3cret-broker-pw")
     try:
-        d = make_daemon(broker_port=port, broker_extra='username = "appliance"\npassword = "s3cret-broker-pw"')
+        d = make_daemon(broker_port=broker.port, broker_extra='username = "appliance"\npassword = "s3cret-broker-pw"')
         d.cli("users", "add", "lead", "--role", "operator", "--password-stdin", input=PASSWORD + "\n")
         d.cli("users", "add", "nurse", "--role", "viewer", "--password-stdin", input=NEW_PASSWORD + "\n")
         viewer = httpx.Client(base_url=d.base_url, timeout=30)
