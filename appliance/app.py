@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -42,9 +42,12 @@ from appliance.runtime.supervisor import WorkerSupervisor
 from appliance.settings import Settings
 from appliance.stats import Stats
 from appliance.store import Store
+from appliance.sync import SyncLoop, make_sync
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+THREADSAFE_TIMEOUT_S = 10.0  # a call from another thread onto the loop gives up after this
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
 UTILISATION_S = 5.0  # CPU partitions' utilisation is averaged over this many seconds
@@ -83,6 +86,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._generation = -1
         self.live = LiveFeed()  # new events for the console's open pages
+        self.sync_loop: SyncLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
@@ -129,12 +133,14 @@ class Daemon:
             cmd = json.loads(msg.payload).get("cmd")
         except (ValueError, AttributeError):
             cmd = None
-        if cmd == "reload" and self._loop is not None:
+        if cmd == "sync" and self.sync_loop is not None:
+            self.sync_loop.nudge()
+        elif cmd == "reload" and self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._reload(force=True)))
         elif cmd == "status":
             self._on_connection(True)
         else:
-            log.warning("ignored command on %s: %r (known: reload, status)", msg.topic, msg.payload[:100])
+            log.warning("ignored command on %s: %r (known: sync, reload, status)", msg.topic, msg.payload[:100])
 
     # lifecycle
 
@@ -178,6 +184,10 @@ class Daemon:
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
             self._every(UTILISATION_S, self._sample_cpu, "utilisation"),
         ]
+        sync = make_sync(s, store, self.plans, self._threadsafe(self._app_states), self._threadsafe(self.healthy))
+        if sync is not None:
+            self.sync_loop = SyncLoop(sync, s)
+            self._tasks.append(asyncio.create_task(self.sync_loop.run(), name="appstore-sync"))
         log.info("appliance %s up: device %s, broker %s %s:%s, HTTP %s://%s:%s, state in %s", __version__,
                  s.device_id, s.broker.mode, s.broker.host, s.broker.port, "https" if h.tls else "http", h.host,
                  sock.getsockname()[1], s.state_dir.resolve())
@@ -232,6 +242,21 @@ class Daemon:
         sock.listen(128)
         sock.setblocking(False)
         return sock
+
+    def _app_states(self) -> dict[str, dict[str, Any]]:
+        return {str(a["name"]): a for a in (self.pipeline.app_states() if self.pipeline else [])}
+
+    def _threadsafe(self, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` run on the daemon's loop, callable from another thread (the AppStore sync's)."""
+
+        async def call() -> T:
+            return fn()
+
+        def wrapper() -> T:
+            assert self._loop is not None
+            return asyncio.run_coroutine_threadsafe(call(), self._loop).result(THREADSAFE_TIMEOUT_S)
+
+        return wrapper
 
     def _every(self, period: float, fn: Callable[[], Awaitable[object]], name: str) -> asyncio.Task[None]:
         async def loop() -> None:
@@ -380,6 +405,7 @@ class Daemon:
             "sources": sources,
             "unknown_sources": {"rejected": unknown_totals, "recent": unknown},
             "events": self.stats.events_snapshot(),
+            "appstore": self.sync_loop.sync.snapshot() if self.sync_loop else {"state": "off"},
         }
 
 

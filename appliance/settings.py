@@ -151,6 +151,31 @@ class OutputSettings(_Section):
     results: bool = False
 
 
+class AppStoreSettings(_Section):
+    """The link to the central AppStore (docs/appstore.md); off while ``url`` is unset. Until provisioning
+    exists, the trusted root, the channel and the device token come from here."""
+
+    url: str | None = None  # e.g. https://store.example.com/ (serves metadata/, targets/ and the fleet API)
+    root: Path | None = None  # the trusted TUF root.json (from provisioning): nothing unsigned by it installs
+    channel: str = Field(default="stable", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    group: str = ""  # a named group for staged rollouts (e.g. "canary"); "" for none
+    device_token: str | None = None  # authenticates this appliance's reports (appstore devices add)
+    refresh_s: float = Field(default=60.0, ge=1.0)  # how often to look for changes (a nudge: {"cmd": "sync"})
+    activation_timeout_s: float = Field(default=120.0, gt=0)  # a new version must be serving by then
+    retry_max_s: float = Field(default=300.0, ge=1.0)  # backoff cap while the AppStore cannot be reached
+    ca_file: Path | None = None  # HTTPS: the CA to trust (default: the system's)
+    cert_file: Path | None = None  # HTTPS client certificate, if the AppStore asks for one
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _root_with_url(self) -> AppStoreSettings:
+        if self.url and self.root is None:
+            raise ValueError("appstore.url needs appstore.root: the trusted root.json that signs the AppStore")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"appstore.url must start with http:// or https://, not {self.url!r}")
+        return self
+
+
 class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
@@ -164,6 +189,7 @@ class Settings(_Section):
     hardware: HardwareSettings = HardwareSettings()
     placement: PlacementSettings = PlacementSettings()
     outputs: OutputSettings = OutputSettings()
+    appstore: AppStoreSettings = AppStoreSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
 

@@ -267,29 +267,34 @@ class Daemon:
 DaemonFactory = Callable[..., Daemon]
 
 
+def new_daemon(folder: Path, broker_port: int | None = None, extra: str = "", broker_extra: str = "") -> Daemon:
+    """A daemon configured in ``folder`` on free ports (embedded broker unless ``broker_port``), not started."""
+    http_port = free_port()
+    embedded = broker_port is None
+    mqtt_port = free_port() if embedded else broker_port
+    state = folder / f"state-{http_port}"
+    config = folder / f"appliance-{http_port}.toml"
+    config.write_text(textwrap.dedent(f"""\
+        device_id = "test-{http_port}"
+        state_dir = "{state}"
+        [broker]
+        mode = "{'embedded' if embedded else 'external'}"
+        port = {mqtt_port}
+        reconnect_min_s = 0.2
+        reconnect_max_s = 1.0
+        {{broker_extra}}
+        [http]
+        port = {http_port}
+        """).replace("{broker_extra}", textwrap.dedent(broker_extra).strip()) + textwrap.dedent(extra))
+    return Daemon(state, config, http_port, int(mqtt_port), f"test-{http_port}")
+
+
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[Daemon] = []
 
     def make(broker_port: int | None = None, extra: str = "", start: bool = True, broker_extra: str = "") -> Daemon:
-        http_port = free_port()
-        embedded = broker_port is None
-        mqtt_port = free_port() if embedded else broker_port
-        state = tmp_path / f"state-{http_port}"
-        config = tmp_path / f"appliance-{http_port}.toml"
-        config.write_text(textwrap.dedent(f"""\
-            device_id = "test-{http_port}"
-            state_dir = "{state}"
-            [broker]
-            mode = "{'embedded' if embedded else 'external'}"
-            port = {mqtt_port}
-            reconnect_min_s = 0.2
-            reconnect_max_s = 1.0
-            {{broker_extra}}
-            [http]
-            port = {http_port}
-            """).replace("{broker_extra}", textwrap.dedent(broker_extra).strip()) + textwrap.dedent(extra))
-        d = Daemon(state, config, http_port, int(mqtt_port), f"test-{http_port}")
+        d = new_daemon(tmp_path, broker_port, extra, broker_extra)
         started.append(d)
         if start:
             d.start()

@@ -394,6 +394,26 @@ class Store:
 
         return self._write(write)
 
+    # subscriptions: apps from the AppStore that the site asked for, beside its channel's
+
+    def subscribe(self, app: str, user: str) -> bool:
+        """Subscribe to an AppStore app; False if it was already subscribed."""
+
+        def write(db: Database) -> bool:
+            cur = db.execute("INSERT OR IGNORE INTO subscriptions (app, user, created) VALUES (?, ?, ?)",
+                             (app, user, time.time()))
+            return bool(cur.rowcount)
+
+        return self._write(write)
+
+    def unsubscribe(self, app: str) -> bool:
+        """False if it was not subscribed. The installed app stays until removed."""
+        return self._write(lambda db: bool(db.execute("DELETE FROM subscriptions WHERE app = ?", (app,)).rowcount))
+
+    def subscriptions(self) -> list[str]:
+        rows = self._read(lambda db: _rows(db, "SELECT app FROM subscriptions ORDER BY app", ()))
+        return [str(r["app"]) for r in rows]
+
     def set_app_enabled(self, name: str, enabled: bool) -> AppRecord:
         """Enable or disable an app and return its new record; no change (and no reload) if already so.
 

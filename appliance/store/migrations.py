@@ -159,10 +159,19 @@ CREATE INDEX events_label_ts ON events (label, ts);
 ALTER TABLE audit_log ADD COLUMN address TEXT;
 """
 
+_V4 = """
+CREATE TABLE subscriptions (
+    app TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
     Migration(3, _V3, "users, API tokens, sessions, event handling, audit_log.address"),
+    Migration(4, _V4, "subscriptions: AppStore apps the site asked for"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -1,0 +1,322 @@
+"""Keeps the appliance at the desired state the AppStore signs for it, and reports back.
+
+One pass (:meth:`Sync.run_once`, blocking: the daemon runs it on a thread, on a timer and on the MQTT
+nudge ``{"cmd": "sync"}``):
+
+1. refresh the TUF metadata (``appstore_client``): nothing below happens unless it verifies;
+2. desired state = the channel's apps (or its rollout's, for an appliance in the rollout) plus the apps the
+   site subscribed to (their newest version), see :func:`desired_apps`;
+3. for each app not at its desired version: download the app and, if missing, its model (verified),
+   install them with the same checks and admission as ``appliance apps add``, and wait until the new
+   version serves; one that does not serve in ``activation_timeout_s`` is rolled back and refused, with
+   the reason, and not tried again until the desired version changes;
+4. report to the AppStore: versions, health, last error.
+
+If the AppStore cannot be reached the appliance keeps serving what it has and tries again with backoff.
+Every refusal (a tampered target, replayed or expired metadata, an untrusted key, an app that does not
+fit) leaves the installed apps as they are and is shown with its reason in status and the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import urllib3
+
+from appliance import __version__, packages
+from appliance.errors import ConfigError, InstallError
+from appliance.runtime.partitions import PartitionPlan
+from appliance.settings import Settings
+from appliance.store import Store
+from appstore_client.client import AppStore, AppStoreError, Catalog
+from appstore_client.fetcher import ResumableFetcher, TlsOptions
+from formats.app_manifest import AppManifest
+from formats.errors import FormatError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ACTOR = "appstore-sync"
+REPORT_TIMEOUT_S = 15.0
+SyncStateName = Literal["off", "starting", "syncing", "in sync", "offline", "refused"]
+
+
+@dataclass(slots=True)
+class SyncState:
+    """What the console and ``appliance status`` show about the AppStore link."""
+
+    state: SyncStateName = "off"
+    url: str = ""
+    channel: str = ""
+    group: str = ""
+    rollout: str | None = None  # the rollout this appliance takes part in
+    catalog_version: int | None = None
+    last_sync: float | None = None  # the last pass that verified and reconciled everything
+    last_attempt: float | None = None
+    last_error: str = ""
+    next_try_s: float | None = None
+    desired: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # app -> why its desired version is not running
+    downloads: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rollout_bucket(rollout_id: str, device_id: str) -> int:
+    """0..99, stable per device and rollout: the devices with a bucket under ``percent`` take part."""
+    return int(hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()[:8], 16) % 100
+
+
+def desired_apps(channel: dict[str, Any], device_id: str, group: str, subscriptions: list[str],
+                 catalog: Catalog) -> tuple[dict[str, str], str | None]:
+    """App -> version this appliance should run, and the id of the rollout it is in (or None)."""
+    apps = {str(k): str(v) for k, v in dict(channel.get("apps") or {}).items()}
+    rollout = channel.get("rollout")
+    rollout_id: str | None = None
+    if isinstance(rollout, dict) and not rollout.get("halted"):
+        groups = [str(g) for g in rollout.get("groups") or []]
+        rid = str(rollout.get("id", ""))
+        if (group and group in groups) or rollout_bucket(rid, device_id) < float(rollout.get("percent") or 0):
+            apps = {str(k): str(v) for k, v in dict(rollout.get("apps") or {}).items()}
+            rollout_id = rid
+    for name in subscriptions:
+        latest = catalog.latest(name)
+        if name not in apps and latest is not None:
+            apps[name] = latest.version
+    return apps, rollout_id
+
+
+class Sync:
+    def __init__(self, settings: Settings, store: Store, plans: list[PartitionPlan],
+                 app_states: Callable[[], dict[str, dict[str, Any]]], health: Callable[[], tuple[bool, str]]) -> None:
+        a = settings.appstore
+        self._settings = settings
+        self._store = store
+        self._plans = plans
+        self._app_states = app_states  # name -> the daemon's runtime state of the app (thread-safe)
+        self._health = health
+        self._dir = settings.state_dir / "appstore"
+        self.fetcher = ResumableFetcher(self._dir / "partial",
+                                        tls=TlsOptions(a.ca_file, a.cert_file, a.key_file))
+        self.state = SyncState(state="starting", url=a.url or "", channel=a.channel, group=a.group)
+        self._failed: dict[tuple[str, str], str] = {}  # (app, version) that did not activate -> why
+        self._lock = threading.Lock()  # one pass at a time
+        root = a.root.read_bytes() if a.root is not None else b""
+        self._client = AppStore(a.url or "", root, self._dir, self.fetcher)
+
+    def snapshot(self) -> dict[str, Any]:
+        out = self.state.to_json()
+        out["downloads"] = [{"url": p.url.rsplit("/", 1)[-1], "received": p.received, "total": p.total}
+                            for p in list(self.fetcher.progress.values())]
+        return out
+
+    # one pass
+
+    def run_once(self) -> bool:
+        """One refresh-reconcile-report pass; True when everything verified and the appliance is in sync."""
+        with self._lock:
+            self.state.last_attempt = time.time()
+            self.state.state = "syncing"
+            try:
+                ok = self._pass()
+            except AppStoreError as e:
+                self.state.state = "offline" if e.reason == "offline" else "refused"
+                self.state.last_error = str(e)
+                log.warning("AppStore sync: %s", e)
+                ok = False
+            self._report()
+            return ok
+
+    def _pass(self) -> bool:
+        a = self._settings.appstore
+        catalog = self._client.refresh()
+        channel = self._client.channel(a.channel)
+        want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions(),
+                                     catalog)
+        self.state.catalog_version, self.state.desired, self.state.rollout = catalog.version, want, rollout
+        refused: dict[str, str] = {}
+        for name, version in sorted(want.items()):
+            why = self._reconcile(name, version, catalog)
+            if why:
+                refused[name] = why
+        self.state.refused = refused
+        self.state.last_error = "; ".join(f"{k}: {v}" for k, v in refused.items())
+        self.state.state = "refused" if refused else "in sync"
+        self.state.last_sync = time.time()
+        return not refused
+
+    def _reconcile(self, name: str, version: str, catalog: Catalog) -> str:
+        """Bring one app to ``version``; '' when done, else why not."""
+        current = self._store.get_app(name)
+        if current is not None and current.version == version:
+            return ""
+        if (name, version) in self._failed:
+            return self._failed[(name, version)]
+        entry = catalog.find("app", name, version)
+        if entry is None:
+            return f"version {version} is not published in the AppStore"
+        staging = self._dir / "staging" / f"{name}-{version}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            manifest_path = self._client.download(entry.path, staging / "app.json")
+            manifest = AppManifest.load(manifest_path)
+            model_name, model_version = manifest.model.name, manifest.model.version
+            if self._store.get_model(model_name, model_version) is None:
+                folder = staging / "model"
+                for f in ("model.json", "model.onnx"):
+                    self._client.download(f"models/{model_name}/{model_version}/{f}", folder / f)
+                packages.install_model(self._store, self._settings.models_dir, folder)
+                self._store.audit(ACTOR, "model.install", {"model": f"{model_name}@{model_version}",
+                                                           "from": self._client.url}, "appstore")
+            previous = current.version if current is not None else None
+            packages.install_app(self._store, manifest_path, plans=self._plans,
+                                 pins=self._settings.placement.pins)
+            self._store.audit(ACTOR, "app.install", {"app": name, "version": version, "previous": previous,
+                                                     "from": self._client.url}, "appstore")
+            log.info("AppStore: installed %s %s (was %s); waiting for it to serve", name, version, previous or "none")
+        except AppStoreError as e:
+            if e.reason == "offline":
+                raise
+            return self._refuse(name, version, str(e), retry=e.reason == "not_published")
+        except (InstallError, FormatError) as e:
+            return self._refuse(name, version, f"refused at install: {e}", retry=False)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._await_activation(name, version, previous)
+
+    def _await_activation(self, name: str, version: str, previous: str | None) -> str:
+        timeout = self._settings.appstore.activation_timeout_s
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = self._app_states().get(name) or {}
+            if state.get("state") == "serving" and state.get("version") == version:
+                log.info("AppStore: %s %s is serving", name, version)
+                return ""
+            time.sleep(0.25)
+        why = (f"{version} did not serve within {timeout:g} s (state {state.get('state', 'unknown')}"
+               f"{': ' + str(state.get('reason')) if state.get('reason') else ''})")
+        if previous is not None:
+            try:
+                packages.rollback_app(self._store, name, ACTOR, "appstore")
+                why += f"; rolled back to {previous}"
+            except InstallError as e:
+                why += f"; rollback failed: {e}"
+        return self._refuse(name, version, why, retry=False)
+
+    def _refuse(self, name: str, version: str, why: str, retry: bool) -> str:
+        log.error("AppStore: %s %s refused: %s", name, version, why)
+        if not retry:
+            self._failed[(name, version)] = why
+            self._store.audit(ACTOR, "app.refused", {"app": name, "version": version, "reason": why}, "appstore")
+        return why
+
+    # reporting
+
+    def _report(self) -> None:
+        a = self._settings.appstore
+        if not a.url or not a.device_token:
+            return
+        ok, reason = self._health()
+        states = self._app_states()
+        body = {"device": self._settings.device_id, "channel": a.channel, "group": a.group,
+                "rollout": self.state.rollout, "version": __version__,
+                "apps": {n: {"version": s.get("version"), "state": s.get("state")} for n, s in states.items()},
+                "health": {"ok": ok, "reason": reason}, "last_sync": self.state.last_sync,
+                "last_error": self.state.last_error}
+        url = f"{self._client.url}v1/devices/{self._settings.device_id}/status"
+        try:
+            r = self.fetcher.pool.request("POST", url, body=json.dumps(body).encode(), timeout=REPORT_TIMEOUT_S,
+                                          headers={"Authorization": f"Bearer {a.device_token}",
+                                                   "Content-Type": "application/json"})
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            log.debug("report to %s failed: %s", url, e)
+            return
+        if r.status >= 400:
+            log.warning("the AppStore refused this appliance's report (HTTP %d): %s; check appstore.device_token",
+                        r.status, r.data[:200].decode(errors="replace"))
+
+
+def make_sync(settings: Settings, store: Store, plans: list[PartitionPlan],
+              app_states: Callable[[], dict[str, dict[str, Any]]],
+              health: Callable[[], tuple[bool, str]]) -> Sync | None:
+    """The sync loop's worker, or None when no AppStore is set."""
+    if not settings.appstore.url:
+        return None
+    root: Path | None = settings.appstore.root
+    if root is None or not root.is_file():
+        raise ConfigError(f"appstore.root {root} is not a file: give the trusted root.json from the AppStore")
+    return Sync(settings, store, plans, app_states, health)
+
+
+class SyncLoop:
+    """Runs :class:`Sync` passes on the daemon's loop: at start, every ``refresh_s``, at once when nudged,
+    and with backoff (with jitter, up to ``retry_max_s``) while the AppStore cannot be reached. A pass runs
+    on a thread of its own (downloads and the wait for activation block), marked daemon so that stopping
+    the appliance never waits for a download."""
+
+    def __init__(self, sync: Sync, settings: Settings) -> None:
+        self.sync = sync
+        self._settings = settings.appstore
+        self._nudge = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def nudge(self) -> None:
+        """Sync now (safe from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._nudge.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            await _in_thread(self.sync.run_once)
+            if self.sync.state.state == "offline":
+                failures += 1
+                delay = min(self._settings.retry_max_s, 2.0 * 2 ** (failures - 1)) * (0.5 + random.random())
+            else:
+                failures = 0
+                delay = self._settings.refresh_s
+            self.sync.state.next_try_s = round(delay, 1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), delay)
+            self._nudge.clear()
+
+
+def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # the awaiting task was cancelled (the daemon is stopping)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="appstore-sync", daemon=True).start()
+    return future
