@@ -92,11 +92,9 @@ class Daemon:
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
         providers = tuple((name, dict(options)) for name, options in session_providers(plan))
         runtime = self.settings.runtime
-        executors = runtime.executors or plan.executors
-        # an explicit executor count shares the partition's cores among them unless intra_op_threads is set too
-        threads = runtime.intra_op_threads or (0 if runtime.executors else plan.intra_op_threads)
         return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
-                            intra_op_threads=threads, executors=executors,
+                            intra_op_threads=runtime.intra_op_threads or plan.intra_op_threads,
+                            executors=runtime.executors or plan.executors,
                             max_image_pixels=self.settings.ingest.max_image_pixels,
                             max_batch=self.settings.runtime.max_batch,
                             max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)
@@ -171,6 +169,7 @@ class Daemon:
         console = Console(store, Accounts(store), s.snapshots_dir, self.status, secure_cookies=h.tls, stats=self.stats,
                           live=self.live, diagnostics=lambda: build_bundle(s, store, self.status, RECENT_LOGS.lines,
                                                                            self.inventory.to_json))
+        console.sync_now = lambda: self.sync_loop.nudge() if self.sync_loop else None
         app = build_app(self.status, self.metrics, self.healthy, console)
         # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
         self._http = uvicorn.Server(uvicorn.Config(

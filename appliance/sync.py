@@ -69,7 +69,7 @@ class SyncState:
     next_try_s: float | None = None
     desired: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # app -> why its desired version is not running
-    downloads: list[dict[str, Any]] = field(default_factory=list)
+    catalog: list[dict[str, Any]] = field(default_factory=list)  # the published apps, for the console    downloads: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +147,10 @@ class Sync:
         want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions(),
                                      catalog)
         self.state.catalog_version, self.state.desired, self.state.rollout = catalog.version, want, rollout
+        self.state.catalog = [
+            {"name": name, "versions": [v.version for v in versions], "latest": versions[-1].version,
+             "description": versions[-1].description, "model": versions[-1].model}
+            for name, versions in sorted(catalog.apps().items())]
         refused: dict[str, str] = {}
         for name, version in sorted(want.items()):
             why = self._reconcile(name, version, catalog)

@@ -39,7 +39,7 @@ def load(path: Path) -> CryptoSigner:
         doc = json.loads(path.read_bytes())
         public = SSlibKey.from_dict(doc["keyid"], dict(doc["public"]))
         private = load_pem_private_key(doc["private"].encode(), None)
-        return CryptoSigner(private, public)  # type: ignore[arg-type]
+        return CryptoSigner(private, public)
     except FileNotFoundError as e:
         raise RepoError(f"{path} is missing: put the key file back into {path.parent} to sign") from e
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tuf.api import exceptions
-from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]  # re-exported, not in __all__
+from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined,unused-ignore]  # not in __all__
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 

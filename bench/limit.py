@@ -6,8 +6,8 @@ session options the worker uses (``appliance.runtime.worker``): ``intra_op_num_t
 one inter-op thread, sequential execution. A *layout* is ``processes`` spawned processes, each with
 ``loops`` threads running the loop on one shared session with ``threads`` intra-op threads; with one
 process per core and one thread each, each process is pinned to its own core. One process with a loop
-per core and one intra-op thread each is the appliance worker's layout on a CPU partition (its
-executor threads).
+per core, sharing one session with a thread per core that does not spin, is the appliance worker's
+layout on a CPU partition (its executor threads).
 
 A :class:`LimitPool` keeps a layout's processes and sessions alive, so that the limit can be measured
 again and again between the runs of the systems under test (the machine is shared: only measurements
@@ -61,8 +61,9 @@ class LayoutResult:
         return asdict(self)
 
 
-def session_options(threads: int) -> Any:
-    """The worker's session options (``appliance.runtime.worker._load``)."""
+def session_options(threads: int, spinning: bool = True) -> Any:
+    """The worker's session options (``appliance.runtime.worker._load``): with several executors (loops)
+    sharing a session, its threads do not spin while idle."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -70,6 +71,8 @@ def session_options(threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -98,7 +101,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 class _Work:
     """What one process of a layout has loaded: the session, the frames and the preprocessed tensors."""
 
-    def __init__(self, model_dir: str, frames: list[bytes], threads: int) -> None:
+    def __init__(self, model_dir: str, frames: list[bytes], threads: int, loops: int) -> None:
         import numpy as np
         import onnxruntime as ort
 
@@ -113,7 +116,7 @@ class _Work:
         before = _rss_mb()
         t0 = time.perf_counter()
         data = (Path(model_dir) / "model.onnx").read_bytes()
-        self.session = ort.InferenceSession(data, sess_options=session_options(threads),
+        self.session = ort.InferenceSession(data, sess_options=session_options(threads, spinning=loops == 1),
                                             providers=["CPUExecutionProvider"])
         self.session.run(self.names, {spec.name: np.zeros((1, 3, spec.height, spec.width), np.float32)})
         self.load_s = time.perf_counter() - t0
@@ -189,7 +192,7 @@ def _serve(conn: Connection, model_dir: str, frames: list[bytes], threads: int, 
     try:
         if core is not None:
             os.sched_setaffinity(0, {core})
-        work = _Work(model_dir, frames, threads)
+        work = _Work(model_dir, frames, threads, loops)
         conn.send({"ready": True, "session_mb": work.session_mb, "load_s": work.load_s})
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it with the layout's name
         conn.send({"error": f"{type(e).__name__}: {e}"})

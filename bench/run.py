@@ -103,11 +103,11 @@ class Runner:
         n = ctx.threads
         pools = {}
         # one process per core; one process with a thread per core; the worker's layout: one process with a
-        # loop (executor) per core, one thread each
-        for processes, threads, loops in ((n, 1, 1), (1, n, 1), (1, 1, n)) if n > 1 else ((1, 1, 1),):
+        # loop (executor) per core sharing a session with a thread per core
+        for processes, threads, loops in ((n, 1, 1), (1, n, 1), (1, n, n)) if n > 1 else ((1, 1, 1),):
             pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads, loops))
             pools[pool.name] = pool
-        same = next(p.name for p in pools.values() if p.processes == 1 and p.threads == 1)
+        same = next(p.name for p in pools.values() if p.processes == 1 and p.loops == n)
         self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
         s = C.Systems(pools, same)
         for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None)):
@@ -171,7 +171,8 @@ class Runner:
                 pools[pool.name] = pool
             if not pools:
                 raise BenchError("no limit layouts to measure again")
-            same = next(p.name for p in pools.values() if p.processes == 1 and p.threads == 1)
+            same = next(p.name for p in pools.values() if p.processes == 1 and p.loops == max(x[2] for x in
+                                                                                               self._pool_layouts))
             return C.reference(ctx, C.Systems(pools, same), self.quiet)
 
 

@@ -183,7 +183,7 @@ def conditions(ctx: Context) -> dict[str, Any]:
                       (ctx.model_dir / "model.onnx").stat().st_size / 1e6, 2)},
         "frames": {"count": len(ctx.frames), "size": "640x480 JPEG quality 80 (appliance.demo.scene.render_frame)",
                    "mean_bytes": int(np.mean([len(f) for f in ctx.frames]))},
-        "threads": {"appliance_executors": ctx.threads, "appliance_intra_op": 1, "naive": ctx.threads,
+        "threads": {"appliance_executors": ctx.threads, "appliance_intra_op": ctx.threads, "naive": ctx.threads,
                     "inter_op": 1, "execution_mode": "sequential"},
     }
 

@@ -80,8 +80,8 @@ class Mosquitto:
         except AssertionError:
             self.proc.kill()
             self.proc.wait(5)
-            log = self.conf.with_suffix(".log").read_text(errors="replace")
-            raise AssertionError(f"mosquitto did not start: {log}") from None
+            output = self.conf.with_suffix(".log").read_text(errors="replace")
+            raise AssertionError(f"mosquitto did not start: {output}") from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -132,7 +132,7 @@ class Subscriber:
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, bool(m.retain)))
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), bool(m.retain)))
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_until(lambda: self._subscribed, 10, what=f"subscription to {topic}")
@@ -271,7 +271,7 @@ def new_daemon(folder: Path, broker_port: int | None = None, extra: str = "", br
     """A daemon configured in ``folder`` on free ports (embedded broker unless ``broker_port``), not started."""
     http_port = free_port()
     embedded = broker_port is None
-    mqtt_port = free_port() if embedded else broker_port
+    mqtt_port = free_port() if broker_port is None else broker_port
     state = folder / f"state-{http_port}"
     config = folder / f"appliance-{http_port}.toml"
     config.write_text(textwrap.dedent(f"""\
@@ -286,7 +286,7 @@ def new_daemon(folder: Path, broker_port: int | None = None, extra: str = "", br
         [http]
         port = {http_port}
         """).replace("{broker_extra}", textwrap.dedent(broker_extra).strip()) + textwrap.dedent(extra))
-    return Daemon(state, config, http_port, int(mqtt_port), f"test-{http_port}")
+    return Daemon(state, config, http_port, mqtt_port, f"test-{http_port}")
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ SCREENSHOTS = ROOT / "screenshots"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 TABLET: ViewportSize = {"width": 800, "height": 1100}
 HTML_LANG = {"en": "en", "zh": "zh-Hans"}
+PAGE_NAMES = {"/": "overview", "/alerts": "alerts", "/sources": "sources", "/apps": "apps", "/system": "system",
+              "/users": "users"}  # the menu's pages named as the screenshots are; a page added to it is shot too
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -199,7 +201,7 @@ def test_switching_to_chinese_and_back_is_kept_for_the_user(daemon: Daemon, brow
     expect(page.locator("header form.lang button[value=zh]")).to_have_attribute("aria-pressed", "true")
     expect(page.locator("header form.lang button[value=en]")).to_have_attribute("aria-pressed", "false")
     listed = daemon.cli("users", "list").stdout
-    assert re.search(r"^lin\s+operator\s+zh\s", listed, re.M), listed
+    assert re.search(r"^lin\s+operator\s+zh\s", listed, re.MULTILINE), listed
 
     log_out(page)
     expect(html).to_have_attribute("lang", "zh-Hans")  # the login page keeps the choice too
@@ -214,7 +216,7 @@ def test_switching_to_chinese_and_back_is_kept_for_the_user(daemon: Daemon, brow
     log_in(page, "lin", "/alerts")
     expect(html).to_have_attribute("lang", "en")
     expect(nav_alerts).to_have_text("Alerts")
-    assert re.search(r"^lin\s+operator\s+en\s", daemon.cli("users", "list").stdout, re.M)
+    assert re.search(r"^lin\s+operator\s+en\s", daemon.cli("users", "list").stdout, re.MULTILINE)
     page.context.close()
     elsewhere.context.close()
 
@@ -260,6 +262,22 @@ def test_a_viewer_cannot_handle_alerts_nor_an_operator_manage_users(daemon: Daem
     page.context.close()
 
 
+@pytest.mark.xfail(strict=True, reason="appliance bug: nothing sets request.scope['console_principal'], so an error "
+                   "page shows a logged-in user no menu and an empty CSRF token, and its language buttons get a 403")
+def test_an_error_page_keeps_the_menu_and_a_working_language_switch(daemon: Daemon, browser: Browser) -> None:
+    page = new_page(browser, daemon)
+    log_in(page, "boss")
+    response = page.goto("/alerts/no-such-alert")
+    assert response is not None and response.status == 404
+    expect(page.locator("h1")).to_have_text("Not found")
+    try:
+        expect(page.locator('header nav a[href="/alerts"]')).to_be_visible(timeout=2000)
+        page.locator("header form.lang button[value=en]").click()
+        expect(page.locator("h1")).to_have_text("Not found", timeout=5000)  # not "Not allowed"
+    finally:
+        page.context.close()
+
+
 # ---------------------------------------------------------------- screenshots
 
 SETTLE_JS = """async () => {
@@ -272,7 +290,8 @@ SETTLE_JS = """async () => {
 
 
 def shoot(page: Page, path: str, name: str, status: int = 200) -> None:
-    """Open ``path``, check that it loaded (status, its <h1>, every picture), and save a full-page PNG."""
+    """Open ``path``, check that it loaded (status, its <h1>, every picture, nothing wider than the window), and
+    save a full-page PNG."""
     response = page.goto(path)
     assert response is not None and response.status == status, f"{path}: {response and response.status}"
     expect(page.locator("main h1").first).to_be_visible()
@@ -280,6 +299,8 @@ def shoot(page: Page, path: str, name: str, status: int = 200) -> None:
         expect(page.locator("#live-state")).to_have_attribute("data-state", "open")
     broken = page.evaluate(SETTLE_JS)
     assert broken == [], f"{path}: pictures that did not load: {broken}"
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{path} ({name}) scrolls sideways by {overflow} px"
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True, animations="disabled")
 
 
@@ -290,9 +311,9 @@ def test_screenshots_of_every_page_in_both_languages(make_daemon: DaemonFactory,
     for model in ("demo-detector", "demo-gas-anomaly"):
         d.cli("models", "add", str(models[model]))
     for manifest in (DETECTOR_APP, GAS_APP):
-        path = tmp_path / f"{manifest['name']}.json"
-        path.write_text(json.dumps(manifest))
-        d.cli("apps", "add", str(path))
+        manifest_file = tmp_path / f"{manifest['name']}.json"
+        manifest_file.write_text(json.dumps(manifest))
+        d.cli("apps", "add", str(manifest_file))
     add_users(d, {"admin": "admin", "shift-lead": "operator", "nurse": "viewer"})
     d.start()
     wait_serving(d, "ppe-watch", "gas-watch")
@@ -318,19 +339,25 @@ def test_screenshots_of_every_page_in_both_languages(make_daemon: DaemonFactory,
         admin.post(f"/api/v1/events/{people[-1]['id']}/handling",
                    json={"action": "acknowledged", "note": "Checked on camera: helmet on."}).raise_for_status()
         admin.post(f"/api/v1/events/{people[0]['id']}/handling", json={"action": "false_positive"}).raise_for_status()
-        pages = {"overview": "/", "alerts": "/alerts", "alert": f"/alerts/{people[-1]['id']}", "sources": "/sources",
-                 "apps": "/apps", "system": "/system", "users": "/users", "error": "/alerts/no-such-alert"}
         SCREENSHOTS.mkdir(exist_ok=True)
+        for old in SCREENSHOTS.glob("*.png"):  # only this run's pictures, none of a page that is gone
+            old.unlink()
 
         desktop, tablet = new_page(browser, d), new_page(browser, d, TABLET)
         log_in(desktop, "admin")
         log_in(tablet, "admin")
+        menu: list[str] = desktop.locator("header nav a").evaluate_all("links => links.map((a) => a.pathname)")
+        assert set(PAGE_NAMES) <= set(menu), menu
+        pages = {PAGE_NAMES.get(href) or href.strip("/").replace("/", "-"): href for href in menu}
+        pages |= {"alert": f"/alerts/{people[-1]['id']}", "error": "/alerts/no-such-alert"}
         for lang in ("en", "zh"):
+            desktop.goto("/")
             choose_language(desktop, lang)
             for name, path in pages.items():
                 shoot(desktop, path, f"{name}-{lang}", 404 if name == "error" else 200)
-            for name in ("overview", "alerts"):  # the same user: the language is theirs, so the tablet has it too
+            for name in ("overview", "alerts"):
                 shoot(tablet, pages[name], f"{name}-{lang}-tablet")
+                # the same user in another browser: the language is the user's, so the tablet has it too
                 expect(tablet.locator("html")).to_have_attribute("lang", HTML_LANG[lang])
 
         logged_out = new_page(browser, d)

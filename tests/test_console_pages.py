@@ -22,7 +22,7 @@ from appliance.store import EventRecord
 from tests.apiserver import ApiServer
 from tests.test_api import USERS, populate
 
-PAGES = ("/", "/alerts", "/alerts/e1", "/sources", "/apps", "/system", "/users")
+PAGES = ("/", "/alerts", "/alerts/e1", "/sources", "/apps", "/store", "/system", "/users")
 ADMIN_PAGES = {"/users"}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
@@ -47,6 +47,15 @@ def status() -> dict[str, Any]:
              "fps_processed": 0.0, "fps_skipped": 0.0, "last_seen": now - 100, "rejected": {}},
         ],
         "unknown_sources": {"recent": []},
+        "appstore": {"state": "refused", "url": "http://store.test/", "channel": "stable", "group": "canary",
+                     "rollout": "r8", "last_sync": now - 30, "last_error": "gas-watch: refused at install: too big",
+                     "desired": {"ppe-watch": "1.1.0", "gas-watch": "2.0.0"},
+                     "refused": {"gas-watch": "refused at install: too big"}, "downloads": [],
+                     "catalog": [
+                         {"name": "ppe-watch", "versions": ["1.0.0", "1.1.0"], "latest": "1.1.0",
+                          "description": "Helmets and vests", "model": "demo-detector@1.0.0"},
+                         {"name": "fall-watch", "versions": ["0.9.0"], "latest": "0.9.0",
+                          "description": "Patients who fall", "model": "demo-detector@1.0.0"}]},
     }
 
 
@@ -252,6 +261,33 @@ def test_only_admins_change_apps_and_users(api: ApiServer, pages: dict[str, Page
     assert api.store.get_user("nurse2") is None
     actions = [a.action for a in api.store.recent_audit(20) if a.actor == "admin1"]
     assert {"app.disable", "app.enable", "user.add", "user.update", "user.remove"} <= set(actions)
+
+
+def test_the_store_shows_the_catalog_updates_and_refusals(api: ApiServer, pages: dict[str, Page]) -> None:
+    page = pages["viewer"].get("/store").text
+    assert "Helmets and vests" in page and "Update available" in page, "1.1.0 is published, 1.0.0 installed"
+    assert "Channel stable: version 1.1.0" in page and "in rollout r8" in page
+    assert "refused at install: too big" in page and "Update refused" in page
+    assert 'action="/store/fall-watch/subscribe"' not in page, "viewers do not subscribe"
+    admin = pages["admin"]
+    assert 'action="/store/fall-watch/subscribe"' in admin.get("/store").text
+    assert 'action="/store/ppe-watch/subscribe"' not in admin.get("/store").text, "the channel decides that one"
+    assert pages["operator"].post("/store/fall-watch/subscribe").status_code == 403
+    r = admin.post("/store/fall-watch/subscribe")
+    assert r.status_code == 303 and api.store.subscriptions() == ["fall-watch"]
+    assert "Subscribed here" in admin.get("/store").text
+    admin.post("/store/fall-watch/unsubscribe")
+    assert api.store.subscriptions() == []
+    assert [a.action for a in api.store.recent_audit(5) if a.actor == "admin1"][:2] == ["app.unsubscribe",
+                                                                                        "app.subscribe"]
+    system = pages["viewer"].get("/system").text
+    assert "http://store.test/" in system and "group canary" in system
+
+
+def test_without_an_appstore_the_store_page_says_how_to_set_one_up(fresh: Callable[..., ApiServer]) -> None:
+    server = fresh()
+    server.add_user("boss", "admin")
+    assert "appstore.url and appstore.root" in Page(server, "boss").get("/store").text
 
 
 def test_language_is_the_users_own_and_switchable_on_every_page(api: ApiServer) -> None:

@@ -203,7 +203,7 @@ def test_model_that_hangs_while_loading_is_quarantined_and_the_rest_serve(
         make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
     d = make_daemon(start=False, extra="""
         [runtime]
-        load_timeout_s = 1.0
+        load_timeout_s = 3.0
         restart_backoff_min_s = 0.1
         restart_backoff_max_s = 0.2
         strikes_before_quarantine = 2

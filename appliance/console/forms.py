@@ -128,6 +128,22 @@ def app_action(name: str, what: str, who: PageAdmin, request: Request) -> Respon
     return back("/apps", f"app_{what}")
 
 
+@router.post("/store/{name}/{what}")
+def subscription(name: str, what: str, who: PageAdmin, request: Request) -> Response:
+    """Subscribe to an AppStore app (installed at the next sync, at once) or unsubscribe (it stays installed)."""
+    ctx = console(request)
+    name = name[:64]
+    if what == "subscribe":
+        ctx.store.subscribe(name, who.name)
+    elif what == "unsubscribe":
+        ctx.store.unsubscribe(name)
+    else:
+        raise NotFound(f"no such store action {what!r}: subscribe or unsubscribe")
+    ctx.store.audit(who.name, f"app.{what}", {"app": name}, client_address(request))
+    ctx.sync_now()
+    return back("/store", what)
+
+
 @router.post("/users")
 def add_user(who: PageAdmin, request: Request, name: Short, role: Short, password: Secret,
              lang: Short = "en") -> Response:

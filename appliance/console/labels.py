@@ -14,7 +14,10 @@ def N_(message: str) -> str:
 LABELS: dict[str, str] = {
     # menu
     "Overview": N_("Overview"), "Alerts": N_("Alerts"), "Sources": N_("Sources"),
-    "Apps and models": N_("Apps and models"), "System": N_("System"), "Users": N_("Users"),
+    "Apps and models": N_("Apps and models"), "Store": N_("Store"), "System": N_("System"), "Users": N_("Users"),
+    # AppStore link
+    "off": N_("Not set up"), "syncing": N_("Syncing"), "in sync": N_("Up to date"), "offline": N_("Unreachable"),
+    "refused": N_("Update refused"),
     # roles
     "admin": N_("admin"), "operator": N_("operator"), "viewer": N_("viewer"),
     # sources

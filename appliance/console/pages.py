@@ -19,6 +19,7 @@ from appliance.console.web import PageAdmin, PageViewer, back, localizer, render
 from appliance.http.models import AppOut
 from appliance.http.security import console, optional_user
 from appliance.store import EventRecord, HandlingRecord, NotFound
+from appstore_client.client import version_key
 
 router = APIRouter(include_in_schema=False)
 
@@ -132,6 +133,26 @@ def apps(who: PageViewer, request: Request) -> Response:
     return render(request, "apps.html", who, apps=installed, models=status["models"], partitions=status["partitions"])
 
 
+@router.get("/store", response_class=HTMLResponse)
+def store(who: PageViewer, request: Request) -> Response:
+    """The AppStore's catalog: what is published, what runs here, what could be updated."""
+    ctx = console(request)
+    status = daemon_status(request)
+    link = status.get("appstore") or {"state": "off"}
+    installed = {a.name: a.version for a in ctx.store.list_apps()}
+    subscribed = set(ctx.store.subscriptions())
+    rows = []
+    for item in link.get("catalog") or []:
+        name = str(item["name"])
+        mine = installed.get(name)
+        desired = (link.get("desired") or {}).get(name)
+        rows.append({**item, "installed": mine, "subscribed": name in subscribed, "desired": desired,
+                     "from_channel": desired is not None and name not in subscribed,
+                     "update": mine is not None and mine != item["latest"] and item["latest"] not in ("", mine)
+                     and version_key(item["latest"]) > version_key(mine)})
+    return render(request, "store.html", who, link=link, rows=rows)
+
+
 @router.get("/system", response_class=HTMLResponse)
 def system(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
@@ -139,7 +160,8 @@ def system(who: PageViewer, request: Request) -> Response:
     disk = shutil.disk_usage(ctx.snapshots_dir.parent if ctx.snapshots_dir.parent.exists() else "/")
     audit = ctx.store.recent_audit(limit=100) if who.allows("admin") else []
     level, reason = health(status)
-    return render(request, "system.html", who, status=status, disk=disk, audit=audit, level=level, reason=reason)
+    return render(request, "system.html", who, status=status, disk=disk, audit=audit, level=level, reason=reason,
+                  link=status.get("appstore") or {"state": "off"})
 
 
 @router.get("/users", response_class=HTMLResponse)

@@ -34,6 +34,7 @@ NAV: tuple[tuple[str, str, Role], ...] = (
     ("/alerts", "Alerts", "viewer"),
     ("/sources", "Sources", "viewer"),
     ("/apps", "Apps and models", "viewer"),
+    ("/store", "Store", "viewer"),
     ("/system", "System", "viewer"),
     ("/users", "Users", "admin"),
 )

@@ -63,6 +63,7 @@ class Console:
     stats: Stats | None = None  # cameras' latest frames and sensors' trends, for the console's Sources page
     live: LiveFeed = field(default_factory=LiveFeed)  # new events, for the console's live alert list
     diagnostics: Callable[[], bytes] | None = None  # the support bundle (a zip), see appliance.console.diagnostics
+    sync_now: Callable[[], None] = lambda: None  # nudge the AppStore sync (after a subscription changed)
 
 
 def console(request: Request) -> Console:

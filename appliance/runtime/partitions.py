@@ -136,10 +136,11 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
 
 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:
-    # one executor per core, each with one ONNX Runtime thread: a frame's decode overlaps another's inference
-    # (measured in docs/BENCHMARKS.md: faster than one executor with a thread per core)
+    # one executor per core, sharing a session with a thread per core that does not spin while idle: a frame's
+    # decode overlaps another's inference under load, and a lone frame still gets every core (measured in
+    # docs/BENCHMARKS.md against one executor, and against one thread per executor)
     return PartitionPlan(name=name, device="cpu", kind="cpu", cores=tuple(sorted(cores)), memory_mb=memory_mb,
-                         intra_op_threads=1, executors=len(cores))
+                         intra_op_threads=len(cores), executors=len(cores))
 
 
 def _auto(inv: Inventory) -> list[PartitionPlan]:

@@ -6,9 +6,9 @@ happen here too, so the main process never holds decoded pixels.
 
 Threads: the main thread only reads the pipe and hands messages on, so the daemon's writes never
 wait on a busy worker. ``executors`` threads each take a job (or a batch), decode, preprocess and run
-it; on a CPU partition there is one per core, each running ONNX Runtime with one intra-op thread, so
-one frame's decode overlaps another's inference (ONNX Runtime, Pillow and NumPy release the GIL for
-the heavy parts). One loader thread loads and unloads models in order, so a model being loaded or
+it; on a CPU partition there is one per core, sharing each session (whose intra-op threads, one per
+core, do not spin while idle), so one frame's decode overlaps another's inference (ONNX Runtime,
+Pillow and NumPy release the GIL for the heavy parts) and a lone frame still gets every core. One loader thread loads and unloads models in order, so a model being loaded or
 warmed up never stops the models that are serving.
 """
 
@@ -52,11 +52,10 @@ class _Model:
 
 
 def _threads(config: WorkerConfig) -> int:
-    """ONNX Runtime intra-op threads per session: the cores shared out among the executor threads."""
+    """ONNX Runtime intra-op threads per session (all executors share the session): one per core unless set."""
     if config.intra_op_threads:
         return config.intra_op_threads
-    cores = len(config.cores) if config.cores else len(os.sched_getaffinity(0))
-    return max(1, cores // max(1, config.executors))
+    return len(config.cores) if config.cores else len(os.sched_getaffinity(0))
 
 
 def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
@@ -76,6 +75,9 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if config.executors > 1:
+        # several executors share the session's threads: an idle thread must yield its core, not spin on it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # load from the bytes that were hashed, so the file cannot change between check and use
     session = ort.InferenceSession(data, sess_options=options, providers=[(n, dict(o)) for n, o in config.providers])
     model = _Model(spec, session)

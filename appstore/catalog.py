@@ -1,0 +1,117 @@
+"""Publishing models and apps: validate with ``formats``, keep versions immutable, sign.
+
+A version once published never changes: publishing the same name and version again with the same bytes
+changes nothing, with different bytes it is refused. An app is refused until the model it names is
+published, so an appliance never sees an app it cannot install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appstore import paths
+from appstore.errors import PublishError
+from appstore.repository import Repository, TargetsEditor
+from formats import AppManifest, ModelCard
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    kind: str  # "model" or "app"
+    name: str
+    version: str
+    targets: tuple[str, ...]
+    unchanged: bool  # the same bytes were already published
+
+
+def _check_graph(card: ModelCard, data: bytes, where: Path) -> None:
+    """The graph must be valid ONNX and have the card's input and outputs (the appliance checks the rest)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+    except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PublishError(f"{where} is not a valid ONNX model ({first}); export it again") from e
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v.name for v in model.graph.input if v.name not in initializers]
+    outputs = [v.name for v in model.graph.output]
+    if card.input.name not in inputs:
+        raise PublishError(f"{where}: the card's input {card.input.name!r} is not an input of the graph "
+                           f"(graph inputs: {', '.join(inputs) or 'none'}); fix model.json")
+    missing = [n for n in card.output_names() if n not in outputs]
+    if missing:
+        raise PublishError(f"{where}: the card's outputs {', '.join(missing)} are not outputs of the graph "
+                           f"(graph outputs: {', '.join(outputs)}); fix model.json")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _put_immutable(edit: TargetsEditor, items: list[tuple[str, bytes, dict[str, Any]]]) -> bool:
+    """Put each ``(path, bytes, custom)`` not yet published; refuse all if any path has other bytes.
+
+    Returns True if anything was added. Everything is checked before anything is put, so a refusal leaves
+    nothing half published.
+    """
+    for path, data, _ in items:
+        existing = edit.get(path)
+        if existing is not None and existing.hashes.get("sha256") != _sha256(data):
+            raise PublishError(f"{path} is already published with different bytes (sha256 "
+                               f"{existing.hashes.get('sha256', '?')[:12]}, yours {_sha256(data)[:12]}); "
+                               "versions are immutable: give it a new version and publish that")
+    added = False
+    for path, data, custom in items:
+        if edit.get(path) is None:
+            edit.put(path, data, custom)
+            added = True
+    return added
+
+
+def publish_model(repo: Repository, package: Path) -> Published:
+    """Publish a model package: a folder holding ``model.onnx`` and ``model.json``."""
+    folder = package.parent if package.is_file() else package
+    onnx_path, card_path = folder / "model.onnx", folder / "model.json"
+    if not folder.is_dir():
+        raise PublishError(f"{package}: no such folder; give the folder holding model.onnx and model.json")
+    missing = [p.name for p in (onnx_path, card_path) if not p.is_file()]
+    if missing:
+        raise PublishError(f"{folder}: missing {' and '.join(missing)}; a model package is a folder with "
+                           "model.onnx and model.json")
+    card = ModelCard.load(card_path)
+    data, card_bytes = onnx_path.read_bytes(), card_path.read_bytes()
+    _check_graph(card, data, onnx_path)
+    file_path, card_target = paths.model_file(card.name, card.version), paths.model_card(card.name, card.version)
+    with repo.edit_targets() as edit:
+        added = _put_immutable(edit, [
+            (file_path, data, {"kind": "model-file"}),
+            (card_target, card_bytes, {"kind": "model", "name": card.name, "version": card.version,
+                                       "description": card.description, "labels": list(card.labels),
+                                       "size": len(data)}),
+        ])
+    return Published("model", card.name, card.version, (file_path, card_target), not added)
+
+
+def publish_app(repo: Repository, path: Path) -> Published:
+    """Publish an app manifest (``app.json``, or a folder holding it); its model must be published already."""
+    manifest_path = path / "app.json" if path.is_dir() else path
+    if not manifest_path.is_file():
+        raise PublishError(f"{path}: no such file; give the app's app.json")
+    manifest = AppManifest.load(manifest_path)
+    raw = manifest_path.read_bytes()
+    target = paths.app_manifest(manifest.name, manifest.version)
+    model = manifest.model
+    with repo.edit_targets() as edit:
+        if edit.get(paths.model_card(model.name, model.version)) is None:
+            raise PublishError(f"app {manifest.name} {manifest.version} needs model {model.name} {model.version}, "
+                               f"which is not published; publish it first with: appstore publish model <folder>")
+        added = _put_immutable(edit, [(target, raw, {
+            "kind": "app", "name": manifest.name, "version": manifest.version,
+            "description": manifest.description, "model": model.key})])
+    return Published("app", manifest.name, manifest.version, (target,), not added)
