@@ -253,7 +253,7 @@ def _write_timestamp(layout: Layout, root: Root, snapshot_meta: MetaFile, expiry
                      expires: timedelta | None = None) -> None:
     path = layout.metadata / "timestamp.json"
     version = _load(path, Timestamp).signed.version + 1 if path.exists() else 1
-    timestamp = Metadata(Timestamp(version=version, expires=now + (expiry.of("timestamp") if expires is None else expires),
-                                   snapshot_meta=snapshot_meta))
+    valid_for = expiry.of("timestamp") if expires is None else expires
+    timestamp = Metadata(Timestamp(version=version, expires=now + valid_for, snapshot_meta=snapshot_meta))
     timestamp.sign(keys.online_signer(layout, Timestamp.type, root))
     write_atomic(path, timestamp.to_bytes(_SERIALIZER))

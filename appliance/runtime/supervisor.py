@@ -107,6 +107,7 @@ class WorkerSupervisor:
         self._send_lock = threading.Lock()
         self._current: Any = None  # per executor [job id, model index], then a loading flag; see worker.py
         self._loading: dict[str, float] = {}  # model key -> when its Load was sent (loads run in order)
+        self._unloading: set[str] = set()  # models to unload once the jobs that use them are done
 
     # lifecycle
 
@@ -146,6 +147,7 @@ class WorkerSupervisor:
         self.state = "starting"
         self._loaded.clear()
         self._loading.clear()
+        self._unloading.clear()  # a new process holds nothing
         self._started_at = time.monotonic()
         self._kill_reason = None
         self._kill_culprits = []
@@ -186,7 +188,7 @@ class WorkerSupervisor:
                 self.models.pop(key, None)
                 if key in self._loaded:
                     self._loaded.discard(key)
-                    self._send(Unload(key))
+                    self._unload_when_idle(key)
         for key, spec in specs.items():
             if key in self._desired and self._desired[key] == spec:
                 continue
@@ -194,6 +196,14 @@ class WorkerSupervisor:
             self.models[key] = ModelState()
             self._request_load(spec)
         self._changed()
+
+    def _unload_when_idle(self, key: str) -> None:
+        """Unload ``key`` once no job sent to the worker still needs it: executors run jobs side by side, so an
+        unload must not overtake the jobs sent before it (a hot swap would fail them)."""
+        if any(key in p.job.models for p in self._pending.values()):
+            self._unloading.add(key)
+        else:
+            self._send(Unload(key))
 
     def _request_load(self, spec: ModelSpec) -> None:
         state = self.models.setdefault(spec.key, ModelState())
@@ -260,6 +270,11 @@ class WorkerSupervisor:
                         state.strikes = 0
                 if not pending.future.done():
                     pending.future.set_result(msg)
+                for key in [k for k in self._unloading if k in pending.job.models]:
+                    if not any(key in p.job.models for p in self._pending.values()):
+                        self._unloading.discard(key)
+                        if key not in self._desired:
+                            self._send(Unload(key))
             self._changed()
         elif isinstance(msg, Loaded):
             self._loading.pop(msg.key, None)
