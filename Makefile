@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run --out docs --profile
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance formats tests bench
+	$(BIN)/ruff check appliance appstore appstore_client formats tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

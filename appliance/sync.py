@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import random
@@ -43,6 +42,7 @@ from appliance.store import Store
 from appstore_client.client import AppStore, AppStoreError, Catalog
 from appstore_client.fetcher import ResumableFetcher, TlsOptions
 from formats.app_manifest import AppManifest
+from formats.channel import ChannelDoc, in_rollout
 from formats.errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -75,23 +75,12 @@ class SyncState:
         return asdict(self)
 
 
-def rollout_bucket(rollout_id: str, device_id: str) -> int:
-    """0..99, stable per device and rollout: the devices with a bucket under ``percent`` take part."""
-    return int(hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()[:8], 16) % 100
-
-
-def desired_apps(channel: dict[str, Any], device_id: str, group: str, subscriptions: list[str],
+def desired_apps(channel: ChannelDoc, device_id: str, group: str, subscriptions: list[str],
                  catalog: Catalog) -> tuple[dict[str, str], str | None]:
     """App -> version this appliance should run, and the id of the rollout it is in (or None)."""
-    apps = {str(k): str(v) for k, v in dict(channel.get("apps") or {}).items()}
-    rollout = channel.get("rollout")
-    rollout_id: str | None = None
-    if isinstance(rollout, dict) and not rollout.get("halted"):
-        groups = [str(g) for g in rollout.get("groups") or []]
-        rid = str(rollout.get("id", ""))
-        if (group and group in groups) or rollout_bucket(rid, device_id) < float(rollout.get("percent") or 0):
-            apps = {str(k): str(v) for k, v in dict(rollout.get("apps") or {}).items()}
-            rollout_id = rid
+    apps = channel.apps_for(device_id, group)
+    r = channel.rollout
+    rollout_id = r.id if r is not None and not r.halted and in_rollout(r, device_id, group) else None
     for name in subscriptions:
         latest = catalog.latest(name)
         if name not in apps and latest is not None:

@@ -23,7 +23,7 @@ from appstore.errors import (
 from appstore.fleet import Fleet
 from appstore.layout import Expiry, Layout
 from appstore.repository import Repository
-from appstore.wire import ChannelDoc, DeviceReport, Rollout, in_rollout
+from formats.channel import ChannelDoc, DeviceReport, Rollout, in_rollout
 
 __all__ = [
     "AppStoreError",

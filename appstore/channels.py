@@ -17,7 +17,7 @@ from appstore import paths
 from appstore.errors import ChannelError
 from appstore.fleet import Fleet
 from appstore.repository import Repository, TargetsEditor
-from appstore.wire import ChannelDoc
+from formats.channel import ChannelDoc
 from formats.errors import describe_validation_error
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from appstore.errors import FleetError
-from appstore.wire import DeviceReport
+from formats.channel import DeviceReport
 from formats.model_card import NAME_PATTERN
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

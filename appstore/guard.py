@@ -17,7 +17,7 @@ from appstore import channels
 from appstore.errors import ChannelError
 from appstore.fleet import Fleet
 from appstore.repository import Repository
-from appstore.wire import ChannelDoc, DeviceReport, Rollout
+from formats.channel import ChannelDoc, DeviceReport, Rollout
 
 REASONS_SHOWN = 3  # devices named in a halt reason; the fleet view has them all
 

@@ -27,7 +27,7 @@ from appstore.errors import AppStoreError, BadRequest, Forbidden, RepoError, Una
 from appstore.fleet import Fleet
 from appstore.repository import Repository
 from appstore.view import fleet_view
-from appstore.wire import DeviceReport
+from formats.channel import DeviceReport
 from formats.errors import describe_validation_error
 
 log = logging.getLogger("appstore.server")

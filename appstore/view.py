@@ -12,7 +12,7 @@ from appstore import channels, guard
 from appstore.errors import ChannelError
 from appstore.fleet import Fleet
 from appstore.repository import Repository
-from appstore.wire import ChannelDoc, in_rollout
+from formats.channel import ChannelDoc, in_rollout
 
 
 def _docs(repo: Repository, names: set[str]) -> dict[str, ChannelDoc]:

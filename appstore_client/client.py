@@ -14,7 +14,6 @@ TUF's errors are translated here into :class:`AppStoreError` with a reason a per
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -22,9 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tuf.api import exceptions
-from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined,unused-ignore]  # not in __all__
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
+
+from formats.channel import ChannelDoc
+from formats.errors import FormatError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ class AppStore:
             raise _translate(e, f"downloading {path}") from e
         return dest
 
-    def channel(self, name: str) -> dict[str, Any]:
+    def channel(self, name: str) -> ChannelDoc:
         """The channel's signed desired state (see docs/appstore.md)."""
         with tempfile.TemporaryDirectory() as tmp:
             path = self.download(f"channels/{name}.json", Path(tmp) / "channel.json")
@@ -167,12 +169,9 @@ class AppStore:
         if len(data) > MAX_CHANNEL_BYTES:
             raise AppStoreError("invalid", f"channel {name} is {len(data)} bytes: too large")
         try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise AppStoreError("invalid", f"channel {name} is not JSON: {e}") from e
-        if not isinstance(doc, dict) or not isinstance(doc.get("apps"), dict):
-            raise AppStoreError("invalid", f"channel {name} has no 'apps' object; the AppStore published it wrong")
-        return doc
+            return ChannelDoc.parse(data, f"channel {name}")
+        except FormatError as e:
+            raise AppStoreError("invalid", f"channel {name} was published wrong: {e}") from e
 
 
 def _entry(path: str, length: int, custom: dict[str, Any]) -> CatalogEntry | None:

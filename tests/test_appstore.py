@@ -34,7 +34,7 @@ from appstore.cli import main
 from appstore.guard import evaluate
 from appstore.repository import Repository
 from appstore.server import build_app
-from appstore.wire import ChannelDoc, DeviceReport, in_rollout
+from formats.channel import ChannelDoc, DeviceReport, in_rollout
 from tests.conftest import ROOT, free_port, wait_until
 
 APP_PATH = "apps/ppe-watch/1.0.0/app.json"

@@ -262,8 +262,6 @@ def test_a_viewer_cannot_handle_alerts_nor_an_operator_manage_users(daemon: Daem
     page.context.close()
 
 
-@pytest.mark.xfail(strict=True, reason="appliance bug: nothing sets request.scope['console_principal'], so an error "
-                   "page shows a logged-in user no menu and an empty CSRF token, and its language buttons get a 403")
 def test_an_error_page_keeps_the_menu_and_a_working_language_switch(daemon: Daemon, browser: Browser) -> None:
     page = new_page(browser, daemon)
     log_in(page, "boss")

@@ -103,6 +103,12 @@ class Localizer:
             return "–"
         return format_decimal(value, format=f"#,##0.{'0' * digits}" if digits else "#,##0", locale=self.locale)
 
+    def score(self, value: float | None) -> str:
+        """A model's score: a percentage when it is a probability (0..1), else the number; none for 0 (reported)."""
+        if not value:
+            return ""
+        return self.percent(value) if 0 <= value <= 1 else self.number(value, 2)
+
     def percent(self, fraction: float | None) -> str:
         return "–" if fraction is None else format_percent(fraction, locale=self.locale)
 

@@ -135,8 +135,6 @@ def safe_next(url: str | None) -> str:
 def error_page(request: Request, status_code: int, message: str, hint: str = "",
                principal: Principal | None = None) -> Response:
     """An error as a page: what went wrong in words, and what to do next."""
-    if isinstance(request.scope.get("console_principal"), Principal):
-        principal = principal or request.scope["console_principal"]
     return render(request, "error.html", principal, status_code=status_code, code=status_code, message=message,
                   hint=hint)
 

@@ -43,6 +43,7 @@ SESSION_COOKIE = "appliance_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PRINCIPAL_SCOPE_KEY = "appliance.principal"
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="token",
                      description="An API token made by an admin with POST /api/v1/tokens. No CSRF token needed.")
@@ -113,13 +114,27 @@ async def optional_user(
         if principal is None:
             raise NotAuthenticated("the API token is unknown, was revoked, or its user is disabled; "
                                    "ask an admin for a new one (POST /api/v1/tokens)")
+        request.scope[PRINCIPAL_SCOPE_KEY] = principal
         return principal
     if cookie:
         principal = await run_in_threadpool(accounts.session, cookie)
         if principal is not None:
+            request.scope[PRINCIPAL_SCOPE_KEY] = principal  # an error page still knows who is looking
             await _check_csrf(request, principal)
         return principal
     return None
+
+
+async def session_of(request: Request) -> Principal | None:
+    """The request's session user, for an error page where no route (so no dependency) ran."""
+    found = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if isinstance(found, Principal):
+        return found
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie or getattr(request.app.state, "console", None) is None:
+        return None
+    principal: Principal | None = await run_in_threadpool(console(request).accounts.session, cookie)
+    return principal
 
 
 async def current_user(

@@ -1,8 +1,5 @@
-"""The channel document and the device report (docs/appstore.md), as the AppStore reads and writes them.
-
-These are wire formats shared with the appliance and belong in ``formats/`` (as ``formats/channel.py``);
-they live here until that move, and import nothing but pydantic and ``formats``, so it is a plain move.
-"""
+"""The channel document and the device report (docs/appstore.md): the wire formats between the AppStore,
+which signs channels and reads reports, and the appliance, which follows channels and sends reports."""
 
 from __future__ import annotations
 
