@@ -143,9 +143,9 @@ def _audited_refusal(action: str) -> Callable[[F], F]:
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        def inner(store: Store, *args: Any) -> Any:
+        def inner(store: Store, *args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(store, *args)
+                return fn(store, *args, **kwargs)
             except InstallError as e:
                 package = args[1] if action == "model.install" else args[0]  # (models_dir, package) or (path, ...)
                 store.audit("cli", f"{action}.refused", {"package": str(package), "reason": str(e)})

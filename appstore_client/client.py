@@ -15,7 +15,6 @@ TUF's errors are translated here into :class:`AppStoreError` with a reason a per
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -146,12 +145,15 @@ class AppStore:
         return self._updater
 
     def download(self, path: str, dest: Path) -> Path:
-        """Download one target into ``dest``, verified against its signed length and hashes."""
+        """Download one target into ``dest``, verified against its signed length and hashes; a ``dest`` that
+        already holds exactly those bytes is kept as it is (no request)."""
         updater = self._need_updater()
         try:
             info = updater.get_targetinfo(path)
             if info is None:
                 raise AppStoreError("not_published", f"{path} is not published in the AppStore")
+            if dest.is_file() and updater.find_cached_target(info, str(dest)):
+                return dest
             dest.parent.mkdir(parents=True, exist_ok=True)
             updater.download_target(info, str(dest))
         except AppStoreError:
@@ -163,9 +165,8 @@ class AppStore:
 
     def channel(self, name: str) -> ChannelDoc:
         """The channel's signed desired state (see docs/appstore.md)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.download(f"channels/{name}.json", Path(tmp) / "channel.json")
-            data = path.read_bytes()
+        # kept between refreshes: an unchanged channel costs no request
+        data = self.download(f"channels/{name}.json", self._metadata_dir.parent / "channels" / f"{name}.json").read_bytes()
         if len(data) > MAX_CHANNEL_BYTES:
             raise AppStoreError("invalid", f"channel {name} is {len(data)} bytes: too large")
         try:

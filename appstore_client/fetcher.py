@@ -98,10 +98,10 @@ class ResumableFetcher(FetcherInterface):
         response = self._http.request("GET", url, headers=headers, preload_content=False,
                                       timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s))
         if response.status == 416 and start:  # the partial file is already whole (or the server disagrees)
-            response.release_conn()
+            _done_with(response)
             return self._request(url, 0)
         if response.status >= 400:
-            response.release_conn()
+            _done_with(response)
             raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
         return response
 
@@ -128,7 +128,8 @@ class ResumableFetcher(FetcherInterface):
         try:
             while True:
                 try:
-                    for chunk in response.stream(CHUNK):
+                    # read1: whatever has arrived, so that bytes received before a cut are kept
+                    while chunk := response.read1(CHUNK):
                         if sink is not None:
                             sink.write(chunk)
                             sink.flush()
@@ -137,7 +138,7 @@ class ResumableFetcher(FetcherInterface):
                         yield chunk
                     break
                 except (urllib3.exceptions.HTTPError, OSError) as e:
-                    response.release_conn()
+                    response.close()  # a broken connection never goes back to the pool
                     attempt += 1
                     if partial is None or attempt > self.retries:
                         raise exceptions.DownloadError(f"download of {url} broke off after {have} bytes "
@@ -147,7 +148,8 @@ class ResumableFetcher(FetcherInterface):
                                 delay)
                     time.sleep(delay)
                     response = self._request(url, have)
-                    if response.status != 206:
+                    if have and response.status != 206:
+                        _done_with(response)
                         raise exceptions.DownloadError(f"{url}: the server does not resume downloads "
                                                        f"(HTTP {response.status} to a Range request)") from e
         except GeneratorExit:
@@ -158,7 +160,7 @@ class ResumableFetcher(FetcherInterface):
         finally:
             if sink is not None:
                 sink.close()
-            response.release_conn()
+            response.close()
         if partial is not None:
             partial.unlink(missing_ok=True)  # whole: TUF verifies it; a retry starts from zero
 
@@ -173,3 +175,9 @@ class ResumableFetcher(FetcherInterface):
 
     def close(self) -> None:
         self._http.clear()
+
+
+def _done_with(response: urllib3.BaseHTTPResponse) -> None:
+    """Read what is left of a small (error) answer so that its connection can be used again."""
+    response.drain_conn()
+    response.release_conn()
