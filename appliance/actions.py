@@ -62,3 +62,10 @@ def report_missed(store: Store, snapshots_dir: Path, source: str, frame: bytes, 
     store.audit(by.name, "event.report_missed", {"event": event_id, "source": source, "label": event.label,
                                                  "note": note}, by.address)
     return event
+
+
+def set_subscription(store: Store, app: str, subscribe: bool, by: Actor) -> None:
+    """Follow (or stop following) an AppStore app beside the channel's; the sync does the rest."""
+    changed = store.subscribe(app, by.name) if subscribe else store.unsubscribe(app)
+    if changed:
+        store.audit(by.name, "app.subscribe" if subscribe else "app.unsubscribe", {"app": app}, by.address)

@@ -167,6 +167,11 @@ CALLS = [
          lambda a, r: Prepared("/api/v1/apps/ppe-watch/disable")),
     Call("POST", "/api/v1/apps/{name}/rollback", "admin", 200,
          lambda a, r: Prepared("/api/v1/apps/ppe-watch/rollback")),
+    Call("GET", "/api/v1/appstore", "viewer", 200),
+    Call("PUT", "/api/v1/appstore/subscriptions/{name}", "admin", 204,
+         lambda a, r: Prepared("/api/v1/appstore/subscriptions/fall-watch")),
+    Call("DELETE", "/api/v1/appstore/subscriptions/{name}", "admin", 204,
+         lambda a, r: Prepared("/api/v1/appstore/subscriptions/fall-watch")),
     Call("GET", "/api/v1/users", "admin", 200),
     Call("POST", "/api/v1/users", "admin", 201, lambda a, r: Prepared(
         "/api/v1/users", {"name": f"new{next(_unique)}", "role": "viewer", "password": "a long new pass phrase"})),
@@ -663,7 +668,7 @@ def test_schemathesis_finds_no_server_error(fresh: Callable[..., ApiServer], mod
     # operations run apart, with values made up rather than reused.
     report = _schemathesis(api, token, tmp_path, "--config-file", str(tmp_path / "reuse.toml"),
                            "--exclude-name-regex", SELF_DESTRUCTIVE)
-    assert "Tested: 19" in report, report[-3000:]
+    assert "Tested: 22" in report, report[-3000:]
     (tmp_path / "no-reuse.toml").write_text(NO_REUSE)
     report = _schemathesis(api, token, tmp_path, "--config-file", str(tmp_path / "no-reuse.toml"),
                            "--include-name-regex", SELF_DESTRUCTIVE)

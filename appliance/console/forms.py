@@ -132,14 +132,9 @@ def app_action(name: str, what: str, who: PageAdmin, request: Request) -> Respon
 def subscription(name: str, what: str, who: PageAdmin, request: Request) -> Response:
     """Subscribe to an AppStore app (installed at the next sync, at once) or unsubscribe (it stays installed)."""
     ctx = console(request)
-    name = name[:64]
-    if what == "subscribe":
-        ctx.store.subscribe(name, who.name)
-    elif what == "unsubscribe":
-        ctx.store.unsubscribe(name)
-    else:
+    if what not in ("subscribe", "unsubscribe"):
         raise NotFound(f"no such store action {what!r}: subscribe or unsubscribe")
-    ctx.store.audit(who.name, f"app.{what}", {"app": name}, client_address(request))
+    actions.set_subscription(ctx.store, name[:64], what == "subscribe", who.actor(client_address(request)))
     ctx.sync_now()
     return back("/store", what)
 

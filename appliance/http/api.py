@@ -16,7 +16,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from appliance import actions
-from appliance.auth import NotASession
+from appliance.auth import NotASession, Principal
 from appliance.http.models import (
     AppOut,
     AuditOut,
@@ -212,6 +212,37 @@ def rollback_app(name: Name, who: Admin, request: Request) -> AppOut:
 
 
 # users
+
+
+# the AppStore
+
+
+@router.get("/appstore", tags=["appstore"])
+def appstore(who: Viewer, request: Request) -> dict[str, Any]:
+    """The AppStore link: state, channel, rollout, last sync and error, what is desired, refused and
+    downloading, the published catalog, and the site's subscriptions."""
+    ctx = console(request)
+    link = dict(ctx.status().get("appstore") or {"state": "off"})
+    link["subscriptions"] = ctx.store.subscriptions()
+    return link
+
+
+@router.put("/appstore/subscriptions/{name}", status_code=204, tags=["appstore"])
+def subscribe(name: Name, who: Admin, request: Request) -> None:
+    """Subscribe this site to an AppStore app: its newest version is installed at the next sync (now)."""
+    _change_subscription(request, who, name, subscribe=True)
+
+
+@router.delete("/appstore/subscriptions/{name}", status_code=204, tags=["appstore"])
+def unsubscribe(name: Name, who: Admin, request: Request) -> None:
+    """Stop following an app's updates; the installed app stays until removed."""
+    _change_subscription(request, who, name, subscribe=False)
+
+
+def _change_subscription(request: Request, who: Principal, name: str, subscribe: bool) -> None:
+    ctx = console(request)
+    actions.set_subscription(ctx.store, name, subscribe, who.actor(client_address(request)))
+    ctx.sync_now()
 
 
 @router.get("/users", tags=["users"])
