@@ -14,6 +14,7 @@ from pathlib import Path
 from appliance import packages
 from appliance.app import Daemon, run
 from appliance.auth import Accounts, Actor
+from appliance.demo import store as demo_store
 from appliance.demo.modelgen import build_anomaly, build_detector
 from appliance.demo.simulators import CameraSimulator, GasSensorSimulator
 from appliance.ingest.client import MqttClient, ReceiveMessage
@@ -80,6 +81,9 @@ def run_demo(settings: Settings) -> int:
     setup_logging(settings.log_level)
     install_demo(settings)
     login = demo_login(settings)
+    repo, token = demo_store.prepare(settings, [DETECTOR_APP, GAS_APP])
+    appstore, store_url = demo_store.serve(repo)
+    settings = demo_store.link(settings, store_url, token)
     b, t = settings.broker, settings.topics
     sims = [CameraSimulator(b, "cam1", 0, prefix=t.cameras), CameraSimulator(b, "cam2", 1, prefix=t.cameras),
             GasSensorSimulator(b, "gas1", prefix=t.sensors)]
@@ -102,6 +106,8 @@ def run_demo(settings: Settings) -> int:
         print(f"""
 Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish to the embedded broker.
   web console:     {scheme}://{h.host}:{h.port}/   log in as {login}
+  AppStore:        {store_url} (channel {demo_store.CHANNEL}); publish a new version of ppe-watch and watch the
+                   appliance take it within seconds:  .venv/bin/python -m appliance.demo.publish
   events on MQTT:  mosquitto_sub -h {b.host} -p {b.port} -t '{events_topic}' -v
   stored events:   .venv/bin/appliance events
   live status:     .venv/bin/appliance status     (or http://{h.host}:{h.port}/api/status and /metrics)
@@ -113,6 +119,7 @@ Press Ctrl-C to stop.
         for sim in sims:
             sim.stop()
         watcher.stop()
+        appstore.should_exit = True
 
     run(settings, ready=started, before_stop=stop_simulators)
     return 0
