@@ -224,10 +224,15 @@ class Sync:
         if not a.url or not a.device_token:
             return
         ok, reason = self._health()
-        states = self._app_states()
+        apps: dict[str, dict[str, Any]] = {n: {"version": s.get("version"), "state": s.get("state")}
+                                           for n, s in self._app_states().items()}
+        for name, why in self.state.refused.items():
+            # the desired version failed here: say so under that version, so that a staged rollout whose
+            # canaries refuse it is halted by the AppStore (the app itself still serves its old version)
+            apps[name] = {"version": self.state.desired.get(name), "state": "refused", "reason": why,
+                          "running": apps.get(name, {}).get("version")}
         body = {"device": self._settings.device_id, "channel": a.channel, "group": a.group,
-                "rollout": self.state.rollout, "version": __version__,
-                "apps": {n: {"version": s.get("version"), "state": s.get("state")} for n, s in states.items()},
+                "rollout": self.state.rollout, "version": __version__, "apps": apps,
                 "health": {"ok": ok, "reason": reason}, "last_sync": self.state.last_sync,
                 "last_error": self.state.last_error}
         url = f"{self._client.url}v1/devices/{self._settings.device_id}/status"

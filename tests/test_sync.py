@@ -388,3 +388,31 @@ def test_desired_state_follows_the_channel_its_rollout_and_the_sites_subscriptio
         "a halted rollout sends its devices back"
     everyone = base.model_copy(update={"rollout": Rollout(id="r5", apps={"ppe-watch": "1.1.0"}, percent=100)})
     assert desired_apps(everyone, "dev-9", "", [], catalog)[1] == "r5"
+
+
+def test_a_staged_rollout_its_canary_refuses_is_halted_and_the_canary_keeps_serving(
+        make_daemon: DaemonFactory, shop: Shop) -> None:
+    d = appliance(make_daemon, shop, 'group = "canary"\n')
+    wait_until(lambda: serving(d, "ppe-watch", "1.0.0"), 60, what="ppe-watch 1.0.0")
+    # 1.1.0 asks for more memory than any partition here has: the canary cannot take it
+    manifest = json.loads(write_app(shop.folder / "app-1.1.0.json", "1.1.0").read_text())
+    manifest["resources"] = {"memory_mb": 10_000_000}
+    (shop.folder / "app-1.1.0.json").write_text(json.dumps(manifest))
+    ok(shop.repo, "publish", "app", str(shop.folder / "app-1.1.0.json"))
+    ok(shop.repo, "channel", "set", "stable", "--app", "ppe-watch=1.1.0", "--group", "canary",
+       "--max-unhealthy-share", "0.2")
+    sync_now(d)
+    link = wait_until(lambda: (s := d.status()["appstore"])["refused"] and s, 30, what="the canary's refusal")
+    assert link["rollout"] and "needs 10000000 MB" in link["refused"]["ppe-watch"], link
+
+    def halted() -> dict[str, Any] | None:
+        return next((r for r in shop.fleet()["rollouts"] if r["state"] == "halted"), None)
+
+    rollout = wait_until(halted, 30, what="the AppStore halting the rollout")
+    assert rollout["unhealthy"][0]["device"] == d.device and "ppe-watch 1.1.0 refused" in rollout["reason"]
+    [device] = shop.fleet()["devices"]
+    assert "needs 10000000 MB" in device["last_error"], "the fleet view says why"
+    assert serving(d, "ppe-watch", "1.0.0"), "the canary keeps serving what it had"
+    sync_now(d)
+    wait_until(lambda: d.status()["appstore"]["rollout"] is None and d.status()["appstore"]["state"] == "in sync",
+               30, what="the canary back on the channel's own versions")
