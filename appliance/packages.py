@@ -25,7 +25,7 @@ from appliance.runtime.partitions import PartitionPlan
 from appliance.runtime.placement import AdmissionError
 from appliance.store import AppRecord, ModelRecord, Store, StoreError
 from formats import AppManifest, FormatError, ModelCard
-from formats.model_card import BoxesOutput, ClassificationOutput, ImageInput, YoloOutput
+from formats.model_card import BoxesOutput, ClassificationOutput, ImageInput, YoloOutput, package_files
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,15 +127,10 @@ def check_card(card: ModelCard, graph: GraphInfo) -> list[str]:
 
 
 def _package_files(path: Path) -> tuple[Path, Path]:
-    folder = path.parent if path.is_file() else path
-    onnx_path, card_path = folder / "model.onnx", folder / "model.json"
-    if not folder.is_dir():
-        raise InstallError(f"{path}: no such model package; give the folder holding model.onnx and model.json")
-    missing = [p.name for p in (onnx_path, card_path) if not p.is_file()]
-    if missing:
-        raise InstallError(f"{folder}: missing {' and '.join(missing)}; a model package is a folder with "
-                           "model.onnx and model.json")
-    return onnx_path, card_path
+    try:
+        return package_files(path)
+    except FormatError as e:
+        raise InstallError(str(e)) from e
 
 
 def _audited_refusal(action: str) -> Callable[[F], F]:

@@ -15,7 +15,8 @@ from typing import Any
 from appstore import paths
 from appstore.errors import PublishError
 from appstore.repository import Repository, TargetsEditor
-from formats import AppManifest, ModelCard
+from formats import AppManifest, FormatError, ModelCard
+from formats.model_card import package_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +77,10 @@ def _put_immutable(edit: TargetsEditor, items: list[tuple[str, bytes, dict[str, 
 
 def publish_model(repo: Repository, package: Path) -> Published:
     """Publish a model package: a folder holding ``model.onnx`` and ``model.json``."""
-    folder = package.parent if package.is_file() else package
-    onnx_path, card_path = folder / "model.onnx", folder / "model.json"
-    if not folder.is_dir():
-        raise PublishError(f"{package}: no such folder; give the folder holding model.onnx and model.json")
-    missing = [p.name for p in (onnx_path, card_path) if not p.is_file()]
-    if missing:
-        raise PublishError(f"{folder}: missing {' and '.join(missing)}; a model package is a folder with "
-                           "model.onnx and model.json")
+    try:
+        onnx_path, card_path = package_files(package)
+    except FormatError as e:
+        raise PublishError(str(e)) from e
     card = ModelCard.load(card_path)
     data, card_bytes = onnx_path.read_bytes(), card_path.read_bytes()
     _check_graph(card, data, onnx_path)

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from formats.errors import load_json_document, parse_json_document
+from formats.errors import FormatError, load_json_document, parse_json_document
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$"
@@ -168,3 +168,17 @@ class ModelCard(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
+
+
+def package_files(path: Path) -> tuple[Path, Path]:
+    """``model.onnx`` and ``model.json`` of a model package: a folder (or a file in it). Raises
+    :class:`FormatError` naming what is missing."""
+    folder = path.parent if path.is_file() else path
+    onnx_path, card_path = folder / "model.onnx", folder / "model.json"
+    if not folder.is_dir():
+        raise FormatError(f"{path}: no such model package; give the folder holding model.onnx and model.json")
+    missing = [p.name for p in (onnx_path, card_path) if not p.is_file()]
+    if missing:
+        raise FormatError(f"{folder}: missing {' and '.join(missing)}; a model package is a folder with "
+                          "model.onnx and model.json")
+    return onnx_path, card_path

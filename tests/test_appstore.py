@@ -211,7 +211,7 @@ def test_an_app_whose_model_is_not_published_is_refused(store: Store, tmp_path: 
 
 
 def test_bad_input_is_one_line_and_exit_2(store: Store, tmp_path: Path) -> None:
-    assert "no such folder" in refused(store.repo, "publish", "model", str(tmp_path / "nope"))
+    assert "no such model package" in refused(store.repo, "publish", "model", str(tmp_path / "nope"))
     (tmp_path / "broken.json").write_text("{not json")
     assert "not valid JSON" in refused(store.repo, "publish", "app", str(tmp_path / "broken.json"))
     assert "appstore channel set nowhere" in refused(store.repo, "channel", "show", "nowhere")
