@@ -15,15 +15,21 @@ from appliance import packages
 from appliance.auth import Actor
 from appliance.events import write_atomically
 from appliance.rules import draw_snapshot
+from appliance.samples.capture import SampleCapture
 from appliance.store import AppRecord, EventRecord, HandlingAction, HandlingRecord, NotFound, Store
 
 REPORTED_APP = "(reported)"  # the app of an alert an operator raised by hand
 
 
-def handle_event(store: Store, event_id: str, action: HandlingAction, note: str, by: Actor) -> HandlingRecord:
-    """Acknowledge an event, mark it a false positive or a missed detection, or add a note."""
+def handle_event(store: Store, event_id: str, action: HandlingAction, note: str, by: Actor,
+                 samples: SampleCapture | None = None) -> HandlingRecord:
+    """Acknowledge an event, mark it a false positive or a missed detection (its frame becomes a hard
+    sample, as the app's policy allows), or add a note."""
     record = store.add_handling(event_id, action, by.name, note)
     store.audit(by.name, "event.handle", {"event": event_id, "action": action, "note": note}, by.address)
+    event = store.get_event(event_id) if samples is not None else None
+    if samples is not None and event is not None:
+        samples.flag_event(event, action)
     return record
 
 
@@ -42,7 +48,7 @@ def rollback_app(store: Store, name: str, by: Actor) -> AppRecord:
 
 
 def report_missed(store: Store, snapshots_dir: Path, source: str, frame: bytes, label: str, note: str,
-                  by: Actor) -> EventRecord:
+                  by: Actor, samples: SampleCapture | None = None) -> EventRecord:
     """An operator saw something on a camera's frame that no app flagged: keep the frame as an alert,
     marked as a missed detection, so it is counted and can go back for retraining."""
     now = time.time()
@@ -61,6 +67,8 @@ def report_missed(store: Store, snapshots_dir: Path, source: str, frame: bytes, 
     store.add_handling(event_id, "missed_detection", by.name, note)
     store.audit(by.name, "event.report_missed", {"event": event_id, "source": source, "label": event.label,
                                                  "note": note}, by.address)
+    if samples is not None:
+        samples.flag_frame(source, frame, event.label)
     return event
 
 

@@ -39,6 +39,9 @@ from appliance.runtime.inventory import NvmlReader, PynvmlReader, RecordedReader
 from appliance.runtime.messages import WorkerConfig
 from appliance.runtime.partitions import PartitionPlan, plan_partitions, session_providers
 from appliance.runtime.supervisor import WorkerSupervisor
+from appliance.samples.capture import SampleCapture
+from appliance.samples.spool import Spool
+from appliance.samples.uploader import Uploader
 from appliance.settings import Settings
 from appliance.stats import Stats
 from appliance.store import Store
@@ -87,6 +90,8 @@ class Daemon:
         self._generation = -1
         self.live = LiveFeed()  # new events for the console's open pages
         self.sync_loop: SyncLoop | None = None
+        self.samples: SampleCapture | None = None
+        self.uploader: Uploader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
@@ -153,8 +158,13 @@ class Daemon:
             self.broker.start()
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1),
                                 on_event=self.live.publish)
+        spool = Spool(self.store, s.samples, s.state_dir / "samples", s.device_id)
+        await asyncio.get_running_loop().run_in_executor(None, spool.tidy)
+        self.samples = SampleCapture(spool, self.store, s.state_dir, s.samples.apps)
+        self.uploader = Uploader(spool, self.store, s.samples, s.appstore.url, s.appstore.device_token, s.device_id)
+        self.samples.on_captured.append(self.uploader.wake)
         self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue,
-                                 self._publish_result if s.outputs.results else None)
+                                 self._publish_result if s.outputs.results else None, self.samples.on_result)
         self.ingest = Ingest(self.mqtt, s, self.stats, self.pipeline.accepts, self.pipeline.offer)
         for worker in self.workers.values():
             await worker.start()
@@ -170,6 +180,7 @@ class Daemon:
                           live=self.live, diagnostics=lambda: build_bundle(s, store, self.status, RECENT_LOGS.lines,
                                                                            self.inventory.to_json))
         console.sync_now = lambda: self.sync_loop.nudge() if self.sync_loop else None
+        console.samples = self.samples
         app = build_app(self.status, self.metrics, self.healthy, console)
         # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
         self._http = uvicorn.Server(uvicorn.Config(
@@ -183,6 +194,7 @@ class Daemon:
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
             self._every(UTILISATION_S, self._sample_cpu, "utilisation"),
         ]
+        self.uploader.start()
         sync = make_sync(s, store, self.plans, self._threadsafe(self._app_states), self._threadsafe(self.healthy))
         if sync is not None:
             self.sync_loop = SyncLoop(sync, s)
@@ -242,6 +254,13 @@ class Daemon:
         sock.setblocking(False)
         return sock
 
+    def _samples_status(self) -> dict[str, Any]:
+        if self.store is None or self.uploader is None or self.samples is None:
+            return {}
+        return {**self.store.sample_counts(), "uploader": self.uploader.snapshot(),
+                "skipped_busy": self.samples.skipped_busy,
+                "quota": {"bytes": self.settings.samples.quota_bytes, "count": self.settings.samples.quota_count}}
+
     def _app_states(self) -> dict[str, dict[str, Any]]:
         return {str(a["name"]): a for a in (self.pipeline.app_states() if self.pipeline else [])}
 
@@ -280,6 +299,8 @@ class Daemon:
                 await task
         if self.ingest is not None:
             self.ingest.stop()
+        if self.uploader is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.uploader.stop)
         if self.pipeline is not None:
             await self.pipeline.stop()
         for worker in self.workers.values():
@@ -405,6 +426,7 @@ class Daemon:
             "unknown_sources": {"rejected": unknown_totals, "recent": unknown},
             "events": self.stats.events_snapshot(),
             "appstore": self.sync_loop.sync.snapshot() if self.sync_loop else {"state": "off"},
+            "samples": self._samples_status(),
         }
 
 

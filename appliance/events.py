@@ -26,6 +26,11 @@ from appliance.store import EventRecord, Store
 log = logging.getLogger(__name__)
 
 
+def frame_file(snapshot: str) -> str:
+    """Where an event's clean frame is kept, beside its snapshot (``x.jpg`` -> ``x.frame.jpg``)."""
+    return snapshot[:-4] + ".frame.jpg" if snapshot.endswith(".jpg") else snapshot + ".frame"
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -68,6 +73,11 @@ class EventSink:
         if snapshot is not None:
             await loop.run_in_executor(None, write_atomically, self._settings.state_dir / rel, snapshot)
             size = len(snapshot)
+            if frame.kind == "camera":
+                # the clean frame too: an operator's "false positive" makes it a hard sample for retraining
+                await loop.run_in_executor(None, write_atomically,
+                                           self._settings.state_dir / frame_file(rel), frame.data)
+                size += len(frame.data)
         d = firing.detection
         event = EventRecord(
             id=event_id, ts=firing.ts, app=firing.app, source=firing.source, rule=firing.rule, label=d.label,
@@ -95,10 +105,8 @@ class EventSink:
         removed = self._store.prune_events(time.time() - r.max_age_days * 86400, r.max_snapshot_bytes)
         for event in removed:
             if event.snapshot:
-                try:
-                    (self._settings.state_dir / event.snapshot).unlink()
-                except FileNotFoundError:
-                    pass
+                (self._settings.state_dir / event.snapshot).unlink(missing_ok=True)
+                (self._settings.state_dir / frame_file(event.snapshot)).unlink(missing_ok=True)
         if removed:
             log.info("retention: removed %d old events and their snapshots", len(removed))
         return len(removed)

@@ -93,8 +93,10 @@ class Lane:
 class Pipeline:
     def __init__(self, workers: dict[str, WorkerSupervisor], events: EventSink, stats: Stats,
                  metrics: Metrics, telemetry_slots: int = 16,
-                 publish_result: Callable[[dict[str, object]], None] | None = None) -> None:
+                 publish_result: Callable[[dict[str, object]], None] | None = None,
+                 on_result: Callable[[AppManifest, Frame, list[Detection]], None] | None = None) -> None:
         self._publish_result = publish_result  # every result, when outputs.results is on
+        self._on_result = on_result  # every result, for the hard-sample policy
         self._telemetry_slots = telemetry_slots  # samples kept per sensor while its lane is busy
         self.lanes = {name: Lane(name, w) for name, w in workers.items()}
         self._events = events
@@ -363,6 +365,8 @@ class Pipeline:
                 self._publish_result({"source": frame.source, "app": app.name, "model": app.model_key,
                                       "ts": frame.captured, "arrived": frame.arrived, "done": now,
                                       "detections": [d.to_json() for d in detections]})
+            if self._on_result is not None:
+                self._on_result(app.manifest, frame, detections)
             for firing in app.engine.evaluate(frame.source, detections, frame.captured):
                 try:
                     await self._events.emit(firing, frame, detections)

@@ -176,6 +176,26 @@ class AppStoreSettings(_Section):
         return self
 
 
+class SamplesSettings(_Section):
+    """Hard samples (docs/samples.md): what the site keeps, and what may leave it."""
+
+    # off: nothing leaves the site (the default for a new site); metadata-only: predictions and context, no
+    # pixels; full: the frame too, with the regions of redact_labels blurred first
+    upload: Literal["off", "metadata-only", "full"] = "off"
+    redact_labels: list[str] = Field(default_factory=list)  # e.g. ["person", "face"]: blurred before upload
+    site: str = ""  # a name for this site in the samples' metadata
+    quota_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # the spool's size on disk
+    quota_count: int = Field(default=5000, gt=0)
+    min_free_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)  # no capture when the disk has less free
+    jpeg_quality: int = Field(default=90, ge=30, le=100)
+    max_side: int = Field(default=1920, ge=64)  # larger frames are scaled down before they are kept
+    upload_interval_s: float = Field(default=10.0, gt=0)
+    batch: int = Field(default=20, ge=1)  # samples sent per pass
+    bandwidth_kbps: float = Field(default=0.0, ge=0)  # 0: no cap
+    retry_max_s: float = Field(default=300.0, ge=1)
+    apps: dict[str, dict[str, Any]] = Field(default_factory=dict)  # app name -> SamplePolicy fields to override
+
+
 class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
@@ -190,6 +210,7 @@ class Settings(_Section):
     placement: PlacementSettings = PlacementSettings()
     outputs: OutputSettings = OutputSettings()
     appstore: AppStoreSettings = AppStoreSettings()
+    samples: SamplesSettings = SamplesSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
 

@@ -1,4 +1,4 @@
-"""The reference central AppStore: a TUF repository (python-tuf) and a small fleet API.
+"""The reference central AppStore: a TUF repository (python-tuf), a small fleet API and a sample inbox.
 
 For labs, CI, demos and small fleets; the contract with the appliance is docs/appstore.md. The library
 is used by the ``appstore`` CLI and by ``appstore serve``::
@@ -18,11 +18,13 @@ from appstore.errors import (
     Forbidden,
     PublishError,
     RepoError,
+    TooLarge,
     Unauthorized,
 )
 from appstore.fleet import Fleet
 from appstore.layout import Expiry, Layout
 from appstore.repository import Repository
+from appstore.samples import Inbox, InboxLimits, SampleRecord
 from formats.channel import ChannelDoc, DeviceReport, Rollout, in_rollout
 
 __all__ = [
@@ -35,12 +37,16 @@ __all__ = [
     "Fleet",
     "FleetError",
     "Forbidden",
+    "Inbox",
+    "InboxLimits",
     "Layout",
     "PublishError",
     "Published",
     "RepoError",
     "Repository",
     "Rollout",
+    "SampleRecord",
+    "TooLarge",
     "Unauthorized",
     "channels",
     "in_rollout",

@@ -7,6 +7,7 @@
     appstore --repo DIR timestamp refresh
     appstore --repo DIR devices [add ID | remove ID]
     appstore --repo DIR admin-token
+    appstore --repo DIR samples [--device D] [--reason R] [--limit N] [--json]
     appstore --repo DIR serve [--host H --port P]
 
 Errors print one line, ``error: ...``, saying what was wrong and what to do, and exit 2.
@@ -29,6 +30,7 @@ from appstore.errors import AppStoreError, ChannelError
 from appstore.fleet import Fleet
 from appstore.layout import Expiry
 from appstore.repository import ROOT_WARNING, Repository
+from appstore.samples import REASONS, Inbox
 from appstore.view import fleet_view
 from formats import FormatError
 from formats.model_card import NAME_PATTERN, VERSION_PATTERN
@@ -194,6 +196,31 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    view = Inbox(repo.layout, _fleet(repo)).view(args.device, args.reason, args.limit)
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    if not view["samples"]:
+        print("no samples match" if args.device or args.reason else
+              "no samples yet; devices send them to PUT /v1/devices/ID/samples/SAMPLE_ID (docs/samples.md)")
+        return 0
+    print(f"{'received':<19} {'device':<16} {'sample':<32} {'reason':<16} {'app':<18} {'source':<10} "
+          f"{'predictions':>11} image")
+    for s in view["samples"]:
+        meta = s["meta"]
+        app = f"{meta.get('app', '')} {meta.get('app_version', '')}".strip() or "-"
+        image = f"{meta['image']['width']}x{meta['image']['height']}" if s["has_image"] else "-"
+        print(f"{_time(s['received']):<19} {meta['device']:<16} {meta['id']:<32} {meta['reason']:<16} {app:<18} "
+              f"{meta.get('source') or '-':<10} {len(meta.get('predictions', [])):>11} {image}")
+    shown = len(view["samples"])
+    print(f"\n{view['total']} samples{f' (the newest {shown} shown)' if shown < view['total'] else ''}")
+    print("  by device: " + ", ".join(f"{d} {n}" for d, n in view["counts"]["device"].items()))
+    print("  by reason: " + ", ".join(f"{r} {n}" for r, n in view["counts"]["reason"].items()))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from appstore.server import serve
 
@@ -265,7 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--note", help="what the token is for")
     adm.set_defaults(func=cmd_admin_token)
 
-    srv = sub.add_parser("serve", help="serve metadata, targets and the fleet API over HTTP")
+    smp = sub.add_parser("samples", help="the hard samples the devices sent (newest first), with counts")
+    smp.add_argument("--device", help="only this device's")
+    smp.add_argument("--reason", help=f"only those sent for this reason: {', '.join(REASONS)}")
+    smp.add_argument("--limit", type=int, default=100, help="list at most this many (default 100; counts are of all)")
+    smp.add_argument("--json", action="store_true", help="print what GET /v1/samples answers")
+    smp.set_defaults(func=cmd_samples)
+
+    srv = sub.add_parser("serve", help="serve metadata, targets, the fleet API and the sample inbox over HTTP")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8600)
     srv.set_defaults(func=cmd_serve)

@@ -37,3 +37,7 @@ class Unauthorized(AppStoreError):
 
 class Forbidden(AppStoreError):
     """The token is valid but not for this resource (403)."""
+
+
+class TooLarge(AppStoreError):
+    """A request body is larger than the AppStore accepts (413)."""

@@ -1,5 +1,5 @@
 """The fleet registry in ``DIR/fleet.db`` (SQLite, WAL): devices and their token hashes, admin tokens, each
-device's last report, and when each rollout started and ended.
+device's last report, when each rollout started and ended, and the index of the samples in the inbox.
 
 Tokens are shown once when made and stored only as sha256. The CLI and the server both open the file;
 each call takes its own short connection and every write is one ``BEGIN IMMEDIATE`` transaction, so the
@@ -13,7 +13,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE TABLE IF NOT EXISTS rollouts (
     channel TEXT NOT NULL, id TEXT NOT NULL, started REAL NOT NULL, ended REAL, outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (channel, id));
+CREATE TABLE IF NOT EXISTS samples (
+    device TEXT NOT NULL, sample_id TEXT NOT NULL, received REAL NOT NULL, reason TEXT NOT NULL,
+    has_image INTEGER NOT NULL, meta TEXT NOT NULL, PRIMARY KEY (device, sample_id));
+CREATE INDEX IF NOT EXISTS samples_by_received ON samples (received);
 """
 
 
@@ -53,6 +57,18 @@ class Device:
     created: float
     last_seen: float | None  # when its last report arrived (epoch seconds)
     report: DeviceReport | None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRow:
+    """A sample's index row; its files are ``samples/{device}/{sample_id}.json`` (+ ``.jpg``)."""
+
+    device: str
+    sample_id: str
+    received: float  # when the inbox stored it (epoch seconds)
+    reason: str
+    has_image: bool
+    meta: str  # the sample record as the device sent it (JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,3 +191,44 @@ class Fleet:
     def rollout(self, channel: str, rollout_id: str) -> RolloutRecord | None:
         return next((r for r in self.rollouts() if r.channel == channel and r.id == rollout_id), None)
 
+
+    # samples (the files are the inbox's business, appstore.samples; this is their index)
+
+    def add_sample(self, row: SampleRow, place: Callable[[], None]) -> bool:
+        """Index a sample unless its device already delivered that id; False for such a duplicate.
+
+        ``place`` moves the sample's files into place inside the transaction, so a row is never seen without
+        its files and, of concurrent deliveries of one id, only the one that got the row writes them.
+        """
+        with self._write() as db:
+            inserted = db.execute(
+                "INSERT INTO samples (device, sample_id, received, reason, has_image, meta) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device, sample_id) DO NOTHING",
+                (row.device, row.sample_id, row.received, row.reason, int(row.has_image), row.meta)).rowcount
+            if inserted:
+                place()
+        return bool(inserted)
+
+    def samples(self, device: str | None = None, reason: str | None = None, limit: int = 100) -> list[SampleRow]:
+        """The newest samples first (by when they were received), optionally of one device and one reason."""
+        where, args = _sample_filter(device, reason)
+        rows = self._read("SELECT device, sample_id, received, reason, has_image, meta FROM samples"
+                          f"{where} ORDER BY received DESC, rowid DESC LIMIT ?", *args, limit)
+        return [SampleRow(d, i, received, r, bool(has_image), meta) for d, i, received, r, has_image, meta in rows]
+
+    def sample_counts(self, device: str | None = None, reason: str | None = None) -> list[tuple[str, str, int]]:
+        """How many samples each (device, reason) has, with the same filters as :meth:`samples`."""
+        where, args = _sample_filter(device, reason)
+        rows = self._read(f"SELECT device, reason, COUNT(*) FROM samples{where} GROUP BY device, reason "
+                          "ORDER BY device, reason", *args)
+        return [(str(d), str(r), int(n)) for d, r, n in rows]
+
+
+def _sample_filter(device: str | None, reason: str | None) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    args: list[object] = []
+    for column, value in (("device", device), ("reason", reason)):
+        if value:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args

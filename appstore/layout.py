@@ -6,7 +6,8 @@
     DIR/targets/    served: hash-prefixed target files (consistent snapshots)
     DIR/keys/       never served: private keys (0600); root keys belong offline
     DIR/appstore.json   settings: how long each role's metadata stays valid
-    DIR/fleet.db    never served: device tokens, last reports, rollouts
+    DIR/fleet.db    never served: device tokens, last reports, rollouts, the index of samples
+    DIR/samples/    never served: hard samples the devices sent, {device}/{sample_id}.json (+ .jpg)
     DIR/.lock       held while the metadata is being re-signed, by the CLI or the server
 """
 
@@ -68,6 +69,10 @@ class Layout:
     @property
     def fleet_db(self) -> Path:
         return self.folder / "fleet.db"
+
+    @property
+    def samples(self) -> Path:
+        return self.folder / "samples"
 
     def target_file(self, path: str, sha256: str) -> Path:
         """The stored file of target ``path``: its name prefixed with its sha256, as TUF clients ask for it."""

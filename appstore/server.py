@@ -3,6 +3,8 @@
 ``/metadata/...`` and ``/targets/...`` are plain files (no listing, nothing outside the two folders, Range
 requests on targets, so an appliance can resume a download). ``POST /v1/devices/{id}/status`` takes a
 device's report and lets the rollout guard judge it; ``GET /v1/devices`` is the fleet view for operators.
+``PUT /v1/devices/{id}/samples/{sample_id}`` is the sample inbox (docs/samples.md), ``GET /v1/samples`` its
+listing for operators.
 Every error is JSON ``{"error": "..."}`` that says what to do. The server holds the online keys in
 ``DIR/keys`` to re-sign a channel when it halts a rollout; it never needs the root keys.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
 
 from appstore import guard
-from appstore.errors import AppStoreError, BadRequest, Forbidden, RepoError, Unauthorized
+from appstore.errors import AppStoreError, BadRequest, Forbidden, RepoError, TooLarge, Unauthorized
 from appstore.fleet import Fleet
 from appstore.repository import Repository
+from appstore.samples import Inbox, InboxLimits, check_sample_id
 from appstore.view import fleet_view
 from formats.channel import DeviceReport
 from formats.errors import describe_validation_error
@@ -35,7 +42,7 @@ log = logging.getLogger("appstore.server")
 MAX_REPORT_BYTES = 64 * 1024  # a report is a few hundred bytes; anything far larger is refused
 
 _STATUS: list[tuple[type[AppStoreError], int]] = [
-    (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400), (RepoError, 500), (AppStoreError, 409)]
+    (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400), (TooLarge, 413), (RepoError, 500), (AppStoreError, 409)]
 
 
 def _bearer(request: Request, who: str) -> str:
@@ -46,20 +53,32 @@ def _bearer(request: Request, who: str) -> str:
 
 
 class FleetApi:
-    """The two fleet routes' logic, kept apart from FastAPI so it reads as plain calls."""
+    """The fleet routes' logic, kept apart from FastAPI so it reads as plain calls."""
 
-    def __init__(self, repo: Repository, fleet: Fleet) -> None:
+    def __init__(self, repo: Repository, fleet: Fleet, inbox: Inbox) -> None:
         self.repo = repo
         self.fleet = fleet
+        self.inbox = inbox
 
-    def report(self, device_id: str, token: str, raw: bytes) -> dict[str, Any]:
+    def authenticate_device(self, device_id: str, token: str) -> None:
+        """Let through only ``device_id``'s own token: 401 when it is no device's, 403 when another's."""
         owner = self.fleet.device_for_token(token)
         if owner is None:
             raise Unauthorized("the token is not a device token of this AppStore; register the device with "
                                "`appstore devices add ID` and give it the printed token")
         if owner != device_id:
-            raise Forbidden(f"this token belongs to another device, not {device_id}; each device reports "
-                            "only its own status")
+            raise Forbidden(f"this token belongs to another device, not {device_id}; each device sends "
+                            "only its own status and samples")
+
+    def authenticate_admin(self, token: str) -> None:
+        if not self.fleet.is_admin_token(token):
+            if self.fleet.device_for_token(token) is not None:
+                raise Forbidden("a device token cannot read the fleet or its samples; use an admin token "
+                                "(appstore admin-token)")
+            raise Unauthorized("the token is not an admin token of this AppStore; make one with: appstore admin-token")
+
+    def report(self, device_id: str, token: str, raw: bytes) -> dict[str, Any]:
+        self.authenticate_device(device_id, token)
         if len(raw) > MAX_REPORT_BYTES:
             raise BadRequest(f"the report is {len(raw)} bytes; at most {MAX_REPORT_BYTES} are accepted")
         try:
@@ -77,16 +96,64 @@ class FleetApi:
         return {"ok": True}
 
     def devices(self, token: str) -> dict[str, Any]:
-        if not self.fleet.is_admin_token(token):
-            if self.fleet.device_for_token(token) is not None:
-                raise Forbidden("a device token cannot read the fleet; use an admin token (appstore admin-token)")
-            raise Unauthorized("the token is not an admin token of this AppStore; make one with: appstore admin-token")
+        self.authenticate_admin(token)
         return fleet_view(self.repo, self.fleet)
 
+    def samples(self, token: str, device: str | None, reason: str | None, limit: str | None) -> dict[str, Any]:
+        self.authenticate_admin(token)
+        try:
+            count = int(limit) if limit else 100
+        except ValueError:
+            raise BadRequest(f"limit must be a whole number, not {limit!r}") from None
+        return self.inbox.view(device or None, reason or None, count)
 
-def build_app(folder: Path) -> FastAPI:
+
+async def _multipart(request: Request, limits: InboxLimits) -> FormData:
+    """The request's parts, refusing (413) a body larger than the inbox takes before or while it is read."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise BadRequest("send the sample as multipart/form-data: a 'meta' part (the sample record, JSON) and, "
+                         "unless the site sends metadata only, an 'image' part (JPEG)")
+    cap = limits.max_body_bytes
+    too_large = (f"the request is larger than {cap} bytes; the inbox takes images up to "
+                 f"{limits.max_image_bytes} bytes ({limits.max_image_bytes / 2**20:g} MiB)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise TooLarge(too_large)
+
+    async def capped() -> AsyncGenerator[bytes, None]:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > cap:
+                raise TooLarge(too_large)
+            yield chunk
+
+    try:
+        async with aclosing(capped()) as stream:
+            parser = MultiPartParser(request.headers, stream, max_files=2, max_fields=2,
+                                     max_part_size=limits.max_meta_bytes)
+            return await parser.parse()
+    except MultiPartException as e:
+        raise BadRequest(f"the multipart body is malformed: {e.message}") from e
+
+
+async def _sample_parts(form: FormData) -> tuple[bytes, UploadFile | None]:
+    metas, images = form.getlist("meta"), form.getlist("image")
+    if len(metas) != 1 or len(images) > 1:
+        raise BadRequest("send one 'meta' part (the sample record, JSON) and at most one 'image' part (JPEG), "
+                         f"not {len(metas)} and {len(images)}")
+    meta, image = metas[0], (images[0] if images else None)
+    if isinstance(image, str):
+        raise BadRequest("send 'image' as a file part (with a filename, e.g. ID.jpg), not as a form field")
+    return (meta.encode() if isinstance(meta, str) else await meta.read()), image
+
+
+def build_app(folder: Path, inbox_limits: InboxLimits | None = None) -> FastAPI:
     repo = Repository(folder)
-    api = FleetApi(repo, Fleet(repo.layout.fleet_db))
+    fleet = Fleet(repo.layout.fleet_db)
+    inbox = Inbox(repo.layout, fleet, inbox_limits)
+    api = FleetApi(repo, fleet, inbox)
     app = FastAPI(title="AppStore", docs_url=None, redoc_url=None)
 
     @app.exception_handler(AppStoreError)
@@ -118,6 +185,30 @@ def build_app(folder: Path) -> FastAPI:
         result: dict[str, Any] = await run_in_threadpool(api.devices, token)
         return result
 
+    @app.put("/v1/devices/{device_id}/samples/{sample_id}")
+    async def put_sample(device_id: str, sample_id: str, request: Request) -> JSONResponse:
+        token = _bearer(request, "this device's token")
+        await run_in_threadpool(api.authenticate_device, device_id, token)
+        check_sample_id(sample_id)
+        form = await _multipart(request, inbox.limits)
+        try:
+            meta, image = await _sample_parts(form)
+            stored = await run_in_threadpool(inbox.receive, device_id, sample_id, meta,
+                                             image.file if image is not None else None)
+        finally:
+            await form.close()
+        if stored:
+            return JSONResponse({"stored": True}, status_code=201)
+        return JSONResponse({"stored": False, "duplicate": True}, status_code=200)
+
+    @app.get("/v1/samples")
+    async def get_samples(request: Request) -> dict[str, Any]:
+        token = _bearer(request, "an admin token (made by: appstore admin-token)")
+        q = request.query_params
+        result: dict[str, Any] = await run_in_threadpool(api.samples, token, q.get("device"), q.get("reason"),
+                                                         q.get("limit"))
+        return result
+
     app.mount("/metadata", StaticFiles(directory=repo.layout.metadata), name="metadata")
     app.mount("/targets", StaticFiles(directory=repo.layout.targets), name="targets")
     return app
@@ -127,5 +218,5 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8600) -> None:
     import uvicorn
 
     app = build_app(folder)
-    print(f"serving {folder} at http://{host}:{port}/  (metadata/, targets/, /v1/devices)", flush=True)
+    print(f"serving {folder} at http://{host}:{port}/  (metadata/, targets/, /v1/devices, /v1/samples)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -80,6 +80,21 @@ class Resources(_Strict):
     prefers_gpu: bool = True
 
 
+class SamplePolicy(_Strict):
+    """Which frames of this app are kept as hard samples for retraining (docs/samples.md); a site admin can
+    change it in the appliance's settings (``[samples.apps.NAME]``)."""
+
+    near_threshold: float = Field(default=0.05, ge=0, le=1)  # score within ± this of a rule's min_score; 0: off
+    false_positive: bool = True  # frames an operator marks as a false positive
+    missed_detection: bool = True  # frames an operator marks as a missed detection
+    random_rate: float = Field(default=0.0, ge=0, le=1)  # share of all processed frames
+    classes: list[str] = Field(default_factory=list)  # frames with a detection of these labels
+    per_minute: int = Field(default=6, ge=0)  # limits for the automatic reasons (operators' flags are not limited)
+    per_hour: int = Field(default=60, ge=0)
+    per_day: int = Field(default=500, ge=0)
+    dedup_s: float = Field(default=60.0, ge=0)  # one sample per source and label within this many seconds
+
+
 class AppManifest(_Strict):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     name: str = Field(pattern=NAME_PATTERN)
@@ -89,6 +104,7 @@ class AppManifest(_Strict):
     sources: list[str] = Field(min_length=1)  # MQTT topic filters, e.g. "cameras/+/frame"
     rules: list[Rule] = Field(min_length=1)
     resources: Resources = Resources()
+    samples: SamplePolicy = SamplePolicy()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

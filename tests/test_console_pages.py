@@ -22,7 +22,7 @@ from appliance.store import EventRecord
 from tests.apiserver import ApiServer
 from tests.test_api import USERS, populate
 
-PAGES = ("/", "/alerts", "/alerts/e1", "/sources", "/apps", "/store", "/system", "/users")
+PAGES = ("/", "/alerts", "/alerts/e1", "/sources", "/apps", "/store", "/samples", "/system", "/users")
 ADMIN_PAGES = {"/users"}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
@@ -47,6 +47,10 @@ def status() -> dict[str, Any]:
              "fps_processed": 0.0, "fps_skipped": 0.0, "last_seen": now - 100, "rejected": {}},
         ],
         "unknown_sources": {"recent": []},
+        "samples": {"by_reason": {"near_threshold": {"queued": 3, "uploaded": 7, "queued_bytes": 120000}},
+                    "dropped": {"random": 2}, "quota": {"bytes": 512 * 2**20, "count": 5000},
+                    "uploader": {"state": "retrying", "policy": "full", "redact": ["person"], "uploaded": 7,
+                                 "last_error": "the AppStore cannot be reached", "last_upload": None}},
         "appstore": {"state": "refused", "url": "http://store.test/", "channel": "stable", "group": "canary",
                      "rollout": "r8", "last_sync": now - 30, "last_error": "gas-watch: refused at install: too big",
                      "desired": {"ppe-watch": "1.1.0", "gas-watch": "2.0.0"},
@@ -282,6 +286,13 @@ def test_the_store_shows_the_catalog_updates_and_refusals(api: ApiServer, pages:
                                                                                         "app.subscribe"]
     system = pages["viewer"].get("/system").text
     assert "http://store.test/" in system and "group canary" in system
+
+
+def test_the_samples_page_shows_counts_drops_and_the_privacy_policy(pages: dict[str, Page]) -> None:
+    page = pages["viewer"].get("/samples").text
+    assert "Close to the threshold" in page and "Blurred before upload: person" in page
+    assert "the AppStore cannot be reached" in page and "Retrying" in page
+    assert "Dropped (spool full)" in page
 
 
 def test_without_an_appstore_the_store_page_says_how_to_set_one_up(fresh: Callable[..., ApiServer]) -> None:

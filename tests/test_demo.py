@@ -3,6 +3,7 @@ take a new version published to its AppStore by itself, and stop cleanly on Ctrl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,7 @@ def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     seen = set()
     console: tuple[str, str] | None = None
     published = swapped = None
+    samples = 0
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -57,6 +59,13 @@ def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
                 break
             if started is not None and time.monotonic() - started > 90:
                 break
+        if swapped is not None:
+            def inbox() -> int:
+                r = subprocess.run([sys.executable, "-m", "appstore.cli", "--repo",
+                                    str(tmp_path / "state" / "appstore-repo"), "samples", "--json"],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+                return int(json.loads(r.stdout)["total"])
+            samples = wait_until(inbox, 60, what="hard samples in the demo AppStore's inbox")
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
@@ -70,6 +79,7 @@ def test_demo_shows_events_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     assert "AppStore:" in text and "appliance.demo.publish" in text, text
     assert published is not None and swapped is not None, f"the published version never served:\n{text}"
     assert swapped - published < 30, "taken by itself within a few syncs"
+    assert samples >= 1, "the demo shows samples captured and arriving in the AppStore's inbox"
     assert console[1] in (tmp_path / "state" / "demo-admin-password.txt").read_text()
     assert (tmp_path / "state" / "demo-admin-password.txt").stat().st_mode & 0o077 == 0, "only its owner reads it"
     assert "Traceback" not in text and "ERROR" not in text, text

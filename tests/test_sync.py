@@ -78,6 +78,13 @@ def serve(app: Any) -> tuple[uvicorn.Server, int]:
 
 @pytest.fixture
 def shop(tmp_path: Path, models: dict[str, Path]) -> Iterator[Shop]:
+    made = make_shop(tmp_path, models)
+    yield made
+    made.server.should_exit = True
+
+
+def make_shop(tmp_path: Path, models: dict[str, Path]) -> Shop:
+    """A served AppStore with ppe-watch 1.0.0 on channel stable (stop it with ``.server.should_exit``)."""
     repo = tmp_path / "appstore"
     ok(repo, "keys", "init")
     ok(repo, "publish", "model", str(models["demo-detector"]))
@@ -87,8 +94,7 @@ def shop(tmp_path: Path, models: dict[str, Path]) -> Iterator[Shop]:
     server, port = serve(build_app(repo))
     root = tmp_path / "root.json"
     shutil.copy(repo / "metadata" / "1.root.json", root)
-    yield Shop(repo, f"http://127.0.0.1:{port}", root, tmp_path, admin, server)
-    server.should_exit = True
+    return Shop(repo, f"http://127.0.0.1:{port}", root, tmp_path, admin, server)
 
 
 def appliance(make_daemon: DaemonFactory, shop: Shop, extra: str = "") -> Daemon:

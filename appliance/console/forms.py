@@ -98,8 +98,9 @@ def handle(event_id: str, who: PageOperator, request: Request, action: Short, no
     chosen: HandlingAction = action
     if chosen == "note" and not note.strip():
         return back(safe_next(next or f"/alerts/{event_id}"), "empty_note")
-    actions.handle_event(console(request).store, event_id[:64], chosen, note.strip(),
-                         who.actor(client_address(request)))
+    ctx = console(request)
+    actions.handle_event(ctx.store, event_id[:64], chosen, note.strip(), who.actor(client_address(request)),
+                         ctx.samples)
     return back(safe_next(next or f"/alerts/{event_id}"), chosen)
 
 
@@ -111,7 +112,7 @@ def report_missed(source_id: str, who: PageOperator, request: Request, label: Sh
     if frame is None:
         raise NotFound(f"no frame from camera {source_id[:64]} to report: wait for the camera to send one")
     event = actions.report_missed(ctx.store, ctx.snapshots_dir, source_id[:64], frame[1], label.strip(),
-                                  note.strip(), who.actor(client_address(request)))
+                                  note.strip(), who.actor(client_address(request)), ctx.samples)
     ctx.live.publish(event)
     return back(f"/alerts/{event.id}", "missed_detection")
 

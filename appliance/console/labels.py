@@ -14,7 +14,13 @@ def N_(message: str) -> str:
 LABELS: dict[str, str] = {
     # menu
     "Overview": N_("Overview"), "Alerts": N_("Alerts"), "Sources": N_("Sources"),
-    "Apps and models": N_("Apps and models"), "Store": N_("Store"), "System": N_("System"), "Users": N_("Users"),
+    "Apps and models": N_("Apps and models"), "Store": N_("Store"), "Samples": N_("Samples"), "System": N_("System"),
+    "Users": N_("Users"),
+    # hard samples
+    "near_threshold": N_("Close to the threshold"), "random": N_("Random"), "class": N_("By class"),
+    "queued": N_("Waiting to upload"), "uploaded": N_("Uploaded"), "metadata-only": N_("Metadata only"),
+    "full": N_("Full frames"), "uploading": N_("Uploading"), "retrying": N_("Retrying"), "idle": N_("Idle"),
+    "no AppStore": N_("No AppStore"),
     # AppStore link
     "off": N_("Not set up"), "syncing": N_("Syncing"), "in sync": N_("Up to date"), "offline": N_("Unreachable"),
     "refused": N_("Update refused"),

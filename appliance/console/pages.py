@@ -6,6 +6,7 @@ language; the forms on them post to :mod:`appliance.console.forms`.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Annotated, Any
@@ -151,6 +152,25 @@ def store(who: PageViewer, request: Request) -> Response:
                      "update": mine is not None and mine != item["latest"] and item["latest"] not in ("", mine)
                      and version_key(item["latest"]) > version_key(mine)})
     return render(request, "store.html", who, link=link, rows=rows)
+
+
+@router.get("/samples", response_class=HTMLResponse)
+def samples(who: PageViewer, request: Request) -> Response:
+    """Hard samples: counts by reason and state, drops, the upload state and the privacy policy in force."""
+    ctx = console(request)
+    info = daemon_status(request).get("samples") or {}
+    recent = [(r, json.loads(r.meta_json)) for r in ctx.store.recent_samples(24)]
+    return render(request, "samples.html", who, info=info, recent=recent)
+
+
+@router.get("/samples/{sample_id}.jpg")
+def sample_image(sample_id: str, who: PageViewer, request: Request) -> Response:
+    """A queued sample's frame (an uploaded one has left the disk)."""
+    ctx = console(request)
+    data = ctx.samples.spool.image(sample_id[:64]) if ctx.samples and sample_id.isalnum() else None
+    if data is None:
+        raise NotFound(f"sample {sample_id[:64]} has no frame here (it was uploaded, dropped or never kept)")
+    return Response(data, media_type="image/jpeg", headers={"cache-control": "no-store"})
 
 
 @router.get("/system", response_class=HTMLResponse)

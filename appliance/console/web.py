@@ -35,6 +35,7 @@ NAV: tuple[tuple[str, str, Role], ...] = (
     ("/sources", "Sources", "viewer"),
     ("/apps", "Apps and models", "viewer"),
     ("/store", "Store", "viewer"),
+    ("/samples", "Samples", "viewer"),
     ("/system", "System", "viewer"),
     ("/users", "Users", "admin"),
 )

@@ -31,6 +31,8 @@ DETECTOR_APP = {
     "sources": ["cameras/+/frame"],
     "rules": [{"name": "person-seen", "labels": ["person"], "min_score": 0.5,
                "debounce": {"n": 2, "m": 3}, "cooldown_s": 10}],
+    # the demo detector is always sure: keep a few frames at random as hard samples, to show the loop
+    "samples": {"random_rate": 0.1, "per_minute": 6},
 }
 GAS_APP = {
     "schema": 1, "name": "gas-watch", "version": "1.0.0",
@@ -84,6 +86,9 @@ def run_demo(settings: Settings) -> int:
     repo, token = demo_store.prepare(settings, [DETECTOR_APP, GAS_APP])
     appstore, store_url = demo_store.serve(repo)
     settings = demo_store.link(settings, store_url, token)
+    # hard samples go to the demo AppStore's inbox (a new real site keeps them on site: samples.upload = "off")
+    settings = settings.model_copy(update={"samples": settings.samples.model_copy(
+        update={"upload": "full", "site": "demo", "upload_interval_s": 5.0})})
     b, t = settings.broker, settings.topics
     sims = [CameraSimulator(b, "cam1", 0, prefix=t.cameras), CameraSimulator(b, "cam2", 1, prefix=t.cameras),
             GasSensorSimulator(b, "gas1", prefix=t.sensors)]
@@ -108,6 +113,8 @@ Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish t
   web console:     {scheme}://{h.host}:{h.port}/   log in as {login}
   AppStore:        {store_url} (channel {demo_store.CHANNEL}); publish a new version of ppe-watch and watch the
                    appliance take it within seconds:  .venv/bin/python -m appliance.demo.publish
+  hard samples:    console → Samples; in the AppStore's inbox:
+                   .venv/bin/appstore --repo {demo_store.repo_dir(settings)} samples
   events on MQTT:  mosquitto_sub -h {b.host} -p {b.port} -t '{events_topic}' -v
   stored events:   .venv/bin/appliance events
   live status:     .venv/bin/appliance status     (or http://{h.host}:{h.port}/api/status and /metrics)

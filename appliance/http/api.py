@@ -177,8 +177,9 @@ def snapshot(event_id: EventId, who: Viewer, request: Request) -> FileResponse:
 @router.post("/events/{event_id}/handling", status_code=201, responses=_not_found, tags=["events"])
 def handle(event_id: EventId, body: HandlingIn, who: Operator, request: Request) -> HandlingOut:
     """Acknowledge, mark false positive or missed detection, or add a note; stored with who and when."""
-    record = actions.handle_event(console(request).store, event_id, body.action, body.note,
-                                  who.actor(client_address(request)))
+    ctx = console(request)
+    record = actions.handle_event(ctx.store, event_id, body.action, body.note, who.actor(client_address(request)),
+                                  ctx.samples)
     return HandlingOut.of(record)
 
 

@@ -36,6 +36,7 @@ from appliance.auth import (
     Principal,
 )
 from appliance.console.live import LiveFeed
+from appliance.samples.capture import SampleCapture
 from appliance.stats import Stats
 from appliance.store import Role, Store
 
@@ -65,6 +66,7 @@ class Console:
     live: LiveFeed = field(default_factory=LiveFeed)  # new events, for the console's live alert list
     diagnostics: Callable[[], bytes] | None = None  # the support bundle (a zip), see appliance.console.diagnostics
     sync_now: Callable[[], None] = lambda: None  # nudge the AppStore sync (after a subscription changed)
+    samples: SampleCapture | None = None  # operators' flags become hard samples
 
 
 def console(request: Request) -> Console:

@@ -74,6 +74,7 @@ from appliance.store.records import (
     Language,
     ModelRecord,
     Role,
+    SampleRecord,
     SessionRecord,
     SourceRecord,
     TokenRecord,
@@ -84,6 +85,7 @@ from appliance.store.records import (
     event_to_row,
     handling_from_row,
     model_from_row,
+    sample_from_row,
     session_from_row,
     source_from_row,
     token_from_row,
@@ -393,6 +395,81 @@ class Store:
             return app_from_row(rows[0])
 
         return self._write(write)
+
+    # hard samples: the spool's index (the frames are files beside it, see appliance.samples.spool)
+
+    def add_sample(self, sample: SampleRecord, quota_bytes: int, quota_count: int) -> tuple[bool, list[str]]:
+        """Queue ``sample`` within the quota, dropping lower-value queued samples first (lowest priority,
+        then oldest). Returns whether it was kept, and the ids dropped (their files are the caller's to
+        delete); every drop is counted by reason."""
+
+        def write(db: Database) -> tuple[bool, list[str]]:
+            dropped: list[tuple[str, str]] = []
+            total, count = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM samples "
+                                      "WHERE state = 'queued'").fetchone()
+            kept = True
+            while total + sample.bytes > quota_bytes or count + 1 > quota_count:
+                victim = db.execute("SELECT id, reason, bytes, priority FROM samples WHERE state = 'queued' "
+                                    "ORDER BY priority, ts LIMIT 1").fetchone()
+                if victim is None or victim[3] > sample.priority:
+                    kept = False  # everything queued is worth more than this one
+                    dropped.append((sample.id, sample.reason))
+                    break
+                db.execute("DELETE FROM samples WHERE id = ?", (victim[0],))
+                dropped.append((victim[0], victim[1]))
+                total, count = total - victim[2], count - 1
+            if kept:
+                db.execute("INSERT INTO samples (id, ts, app, source, reason, priority, bytes, meta_json) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (sample.id, sample.ts, sample.app, sample.source, sample.reason, sample.priority,
+                            sample.bytes, sample.meta_json))
+            for _, reason in dropped:
+                db.execute("INSERT INTO sample_drops (reason, count) VALUES (?, 1) "
+                           "ON CONFLICT (reason) DO UPDATE SET count = count + 1", (reason,))
+            return kept, [i for i, _ in dropped if i != sample.id]
+
+        return self._write(write)
+
+    def queued_samples(self, limit: int) -> list[SampleRecord]:
+        """The next samples to upload: the most valuable first, then the oldest."""
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM samples WHERE state = 'queued' "
+                                               "ORDER BY priority DESC, ts LIMIT ?", (limit,)))
+        return [sample_from_row(r) for r in rows]
+
+    def sample_uploaded(self, sample_id: str) -> None:
+        self._write(lambda db: db.execute("UPDATE samples SET state = 'uploaded', uploaded = ?, "
+                                          "attempts = attempts + 1 WHERE id = ?", (time.time(), sample_id)))
+
+    def sample_attempted(self, sample_id: str) -> None:
+        self._write(lambda db: db.execute("UPDATE samples SET attempts = attempts + 1 WHERE id = ?",
+                                          (sample_id,)))
+
+    def sample_counts(self) -> dict[str, Any]:
+        """Per reason: queued and uploaded counts and queued bytes; and the drops by reason."""
+
+        def read(db: Database) -> dict[str, Any]:
+            by: dict[str, dict[str, int]] = {}
+            for reason, state, n, size in db.execute(
+                    "SELECT reason, state, COUNT(*), COALESCE(SUM(bytes), 0) FROM samples GROUP BY reason, state"):
+                entry = by.setdefault(reason, {"queued": 0, "uploaded": 0, "queued_bytes": 0})
+                entry[state] = n
+                if state == "queued":
+                    entry["queued_bytes"] = size
+            drops = {r: n for r, n in db.execute("SELECT reason, count FROM sample_drops")}
+            return {"by_reason": by, "dropped": drops}
+
+        return self._read(read)
+
+    def recent_samples(self, limit: int = 50) -> list[SampleRecord]:
+        rows = self._read(lambda db: _rows(db, "SELECT * FROM samples ORDER BY ts DESC LIMIT ?", (limit,)))
+        return [sample_from_row(r) for r in rows]
+
+    def sample_ids(self) -> set[str]:
+        return {str(r["id"]) for r in self._read(lambda db: _rows(db, "SELECT id FROM samples", ()))}
+
+    def prune_uploaded_samples(self, older_than_ts: float) -> int:
+        return self._write(lambda db: db.execute("DELETE FROM samples WHERE state = 'uploaded' AND uploaded < ?",
+                                                 (older_than_ts,)).rowcount)
 
     # subscriptions: apps from the AppStore that the site asked for, beside its channel's
 

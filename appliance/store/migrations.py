@@ -167,11 +167,34 @@ CREATE TABLE subscriptions (
 );
 """
 
+_V5 = """
+CREATE TABLE samples (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    app TEXT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    meta_json TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'uploaded')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    uploaded REAL
+);
+CREATE INDEX samples_queue ON samples (state, priority, ts);
+
+CREATE TABLE sample_drops (
+    reason TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
     Migration(3, _V3, "users, API tokens, sessions, event handling, audit_log.address"),
     Migration(4, _V4, "subscriptions: AppStore apps the site asked for"),
+    Migration(5, _V5, "hard samples: the spool's index and its drops"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

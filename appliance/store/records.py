@@ -298,3 +298,27 @@ def handling_from_row(row: Mapping[str, Any]) -> HandlingRecord:
         ts=float(row["ts"]),
         note=str(row["note"]),
     )
+
+
+@dataclass(slots=True, frozen=True)
+class SampleRecord:
+    """A hard sample in the spool: its metadata as sent (``meta_json``), and the bytes of its frame file."""
+
+    id: str
+    ts: float
+    app: str
+    source: str
+    reason: str
+    priority: int  # what is dropped last when the spool is full: operators' flags > near threshold > random
+    bytes: int
+    meta_json: str
+    state: str = "queued"
+    attempts: int = 0
+    uploaded: float | None = None
+
+
+def sample_from_row(row: Mapping[str, Any]) -> SampleRecord:
+    return SampleRecord(id=str(row["id"]), ts=float(row["ts"]), app=str(row["app"]), source=str(row["source"]),
+                        reason=str(row["reason"]), priority=int(row["priority"]), bytes=int(row["bytes"]),
+                        meta_json=str(row["meta_json"]), state=str(row["state"]), attempts=int(row["attempts"]),
+                        uploaded=row["uploaded"])

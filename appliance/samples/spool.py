@@ -1,0 +1,116 @@
+"""The spool: hard samples on disk (``state_dir/samples/{id}.jpg``) with their index in SQLite.
+
+A capture writes the frame atomically, then indexes it within the quota (bytes and count) in one
+transaction that drops the least valuable queued samples first (random, then by class, then near the
+threshold; operators' flags last), counting every drop by reason. A capture is refused, and counted, when
+the disk has less than ``min_free_bytes`` free: the spool never fills the disk. Blocking: call from a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from appliance.events import write_atomically
+from appliance.samples.policy import PRIORITY
+from appliance.settings import SamplesSettings
+from appliance.store import SampleRecord, Store
+
+log = logging.getLogger(__name__)
+
+UPLOADED_KEPT_S = 7 * 86400  # the index of uploaded samples (for the counts) is kept this long
+
+
+class Spool:
+    def __init__(self, store: Store, settings: SamplesSettings, folder: Path, device_id: str) -> None:
+        self._store = store
+        self._settings = settings
+        self.folder = folder
+        self._device = device_id
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sample_id: str) -> Path:
+        return self.folder / f"{sample_id}.jpg"
+
+    def capture(self, *, app: str, app_version: str, model: str, source: str, reason: str, frame: bytes,
+                predictions: list[dict[str, Any]], ts: float | None = None) -> str | None:
+        """Keep ``frame`` as a sample; its id, or None when it was not kept (no room, or not an image)."""
+        s = self._settings
+        if shutil.disk_usage(self.folder).free < s.min_free_bytes:
+            self._store.add_sample(_refused(reason), 0, 0)  # counted as a drop, nothing written
+            log.warning("sample of %s on %s not kept: less than %d MB free on disk", app, source,
+                        s.min_free_bytes // 2**20)
+            return None
+        try:
+            jpeg, width, height = _normalise(frame, s.max_side, s.jpeg_quality)
+        except (OSError, ValueError) as e:
+            log.warning("sample of %s on %s not kept: the frame does not decode (%s)", app, source, e)
+            return None
+        sample_id = uuid.uuid4().hex
+        when = ts or time.time()
+        meta: dict[str, Any] = {"schema": 1, "id": sample_id, "device": self._device, "site": s.site, "app": app,
+                "app_version": app_version, "model": model, "source": source, "ts": when,
+                "reason": reason, "predictions": predictions,
+                "image": {"sha256": hashlib.sha256(jpeg).hexdigest(), "bytes": len(jpeg), "width": width,
+                          "height": height}}
+        write_atomically(self.path(sample_id), jpeg)
+        record = SampleRecord(sample_id, when, app, source, reason, PRIORITY.get(reason, 0), len(jpeg),
+                              json.dumps(meta))
+        kept, dropped = self._store.add_sample(record, s.quota_bytes, s.quota_count)
+        for victim in dropped:
+            self.path(victim).unlink(missing_ok=True)
+        if not kept:
+            self.path(sample_id).unlink(missing_ok=True)
+            log.info("sample of %s on %s (%s) not kept: the spool is full of more valuable ones", app, source, reason)
+            return None
+        return sample_id
+
+    def image(self, sample_id: str) -> bytes | None:
+        try:
+            return self.path(sample_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def uploaded(self, sample_id: str) -> None:
+        """Sent: the frame leaves the disk, the index row stays for the counts (a week)."""
+        self._store.sample_uploaded(sample_id)
+        self.path(sample_id).unlink(missing_ok=True)
+
+    def tidy(self) -> None:
+        """Remove frames no index row knows (a crash between write and index) and old uploaded rows."""
+        known = self._store.sample_ids()
+        for f in self.folder.glob("*.jpg"):
+            if f.stem not in known:
+                f.unlink(missing_ok=True)
+        for f in self.folder.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+        self._store.prune_uploaded_samples(time.time() - UPLOADED_KEPT_S)
+
+
+def _refused(reason: str) -> SampleRecord:
+    """A sample that cannot fit a zero quota: ``add_sample`` only counts it as dropped."""
+    return SampleRecord(f"refused-{uuid.uuid4().hex}", time.time(), "", "", reason, -1, 1, "{}")
+
+
+def _normalise(frame: bytes, max_side: int, quality: int) -> tuple[bytes, int, int]:
+    """The frame as a JPEG no larger than ``max_side``: as received when it already is one."""
+    with Image.open(io.BytesIO(frame)) as im:
+        width, height = im.size
+        if im.format == "JPEG" and max(width, height) <= max_side:
+            return frame, width, height
+        img = im.convert("RGB")
+    if max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue(), img.width, img.height

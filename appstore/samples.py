@@ -1,0 +1,251 @@
+"""The sample inbox (docs/samples.md): hard samples the devices send, kept as files and indexed in fleet.db.
+
+``PUT /v1/devices/{device}/samples/{sample_id}`` hands each delivery to :meth:`Inbox.receive`;
+``GET /v1/samples`` and ``appstore samples`` read :meth:`Inbox.view`::
+
+    inbox = Inbox(repo.layout, Fleet(repo.layout.fleet_db))
+    with open("frame.jpg", "rb") as image:
+        stored = inbox.receive("ward-7", sample_id, meta_json, image)  # False: already delivered
+    inbox.view(reason="near_threshold")["counts"]
+
+A sample is stored once. Its files are written under temporary names, then renamed into place inside the
+transaction that adds its index row; the first delivery of a (device, id) gets the row, every later one
+finds it taken and leaves the first copy as it was. ``samples/`` is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appstore.errors import BadRequest, RepoError, TooLarge
+from appstore.fleet import Fleet, SampleRow
+from appstore.layout import Layout
+from formats.errors import describe_validation_error
+
+SAMPLE_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+Reason = Literal["near_threshold", "false_positive", "missed_detection", "random", "class"]
+REASONS: tuple[str, ...] = get_args(Reason)
+JPEG_START = b"\xff\xd8\xff"
+_CHUNK = 1024 * 1024  # bytes copied at a time while an image is hashed and staged
+
+
+# The sample record is a wire format the appliance sends: it belongs in formats/ (formats/sample.py).
+
+class _Lenient(BaseModel):
+    # a newer appliance may send more than this AppStore knows; extra keys are kept in the file, not refused
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+class Prediction(_Lenient):
+    label: str
+    score: Unit
+    box: tuple[Unit, Unit, Unit, Unit]  # in 0..1 of the frame
+
+
+class ImageInfo(_Lenient):
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    size: int = Field(alias="bytes", ge=1)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class SampleRecord(_Lenient):
+    """``meta``: one frame a model was unsure about or got wrong, and what it predicted there."""
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    device: str
+    site: str = ""
+    app: str = ""
+    app_version: str = ""
+    model: str = ""
+    source: str = ""
+    ts: float = Field(ge=0)  # when the frame was taken (epoch seconds)
+    reason: Reason
+    predictions: list[Prediction] = Field(default_factory=list)
+    privacy: str = ""
+    redacted: list[str] = Field(default_factory=list)
+    image: ImageInfo | None = None  # null when no pixels are sent
+
+
+@dataclass(frozen=True, slots=True)
+class InboxLimits:
+    """What the inbox accepts."""
+
+    max_image_bytes: int = 16 * 1024 * 1024  # bytes; a larger image is refused with 413
+    max_meta_bytes: int = 256 * 1024  # bytes; a record is a few KB, a larger one is refused with 400
+    max_list: int = 1000  # samples in one listing
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The most a PUT may send: both parts and room for the multipart headers and boundaries."""
+        return self.max_image_bytes + self.max_meta_bytes + 16 * 1024
+
+
+def check_sample_id(sample_id: str) -> None:
+    if not SAMPLE_ID.fullmatch(sample_id):
+        raise BadRequest(f"sample id {sample_id!r} is not valid; use 8 to 64 of A-Z a-z 0-9 _ - "
+                         "(the appliance uses 32 hex digits)")
+
+
+def parse_record(raw: bytes) -> SampleRecord:
+    try:
+        return SampleRecord.model_validate_json(raw)
+    except ValidationError as e:
+        if any(p["type"] == "json_invalid" for p in e.errors()):
+            raise BadRequest(f"meta is not valid JSON: {e.errors()[0]['msg']}") from e
+        raise BadRequest(describe_validation_error(e, "meta", docs="docs/samples.md").replace("\n", "; ")) from e
+
+
+class Inbox:
+    """The inbox of one AppStore folder: files under ``samples/``, their index in ``fleet.db``."""
+
+    def __init__(self, layout: Layout, fleet: Fleet, limits: InboxLimits | None = None) -> None:
+        self.layout = layout
+        self.fleet = fleet
+        self.limits = limits or InboxLimits()
+
+    def receive(self, device: str, sample_id: str, meta: bytes, image: BinaryIO | None) -> bool:
+        """Store a sample that ``device`` (already authenticated) sent; False when it had already sent that id.
+
+        The whole delivery is checked first (400, or 413 for a too large image), so a bad one stores nothing.
+        """
+        check_sample_id(sample_id)
+        record = self._check_record(device, sample_id, meta, image is not None)
+        folder = self.layout.samples / device
+        staged: list[tuple[Path, Path]] = []  # (temporary file, final name), the image first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if image is not None:
+                assert record.image is not None
+                staged.append((self._stage_image(folder, sample_id, image, record.image),
+                               folder / f"{sample_id}.jpg"))
+            staged.append((_stage(folder, sample_id, meta), folder / f"{sample_id}.json"))
+            row = SampleRow(device, sample_id, time.time(), record.reason, image is not None, meta.decode())
+            return self.fleet.add_sample(row, lambda: _place(folder, staged))
+        except (OSError, sqlite3.Error) as e:
+            raise RepoError(f"cannot store sample {sample_id} of {device} in {folder}: {e}") from e
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+
+    def view(self, device: str | None = None, reason: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """The newest samples first, and how many there are per device and per reason (not only those listed)."""
+        if reason and reason not in REASONS:
+            raise BadRequest(f"reason {reason!r} is not one of {', '.join(REASONS)}")
+        if not 1 <= limit <= self.limits.max_list:
+            raise BadRequest(f"limit must be 1 to {self.limits.max_list}, not {limit}")
+        try:
+            rows = self.fleet.samples(device, reason, limit)
+            counts = self.fleet.sample_counts(device, reason)
+        except sqlite3.Error as e:
+            raise RepoError(f"cannot read the sample index in {self.fleet.path}: {e}") from e
+        by_device: Counter[str] = Counter()
+        by_reason: Counter[str] = Counter()
+        for d, r, n in counts:
+            by_device[d] += n
+            by_reason[r] += n
+        return {"samples": [{"meta": json.loads(r.meta), "received": r.received, "has_image": r.has_image}
+                            for r in rows],
+                "total": sum(by_device.values()),
+                "counts": {"device": dict(sorted(by_device.items())), "reason": dict(sorted(by_reason.items()))}}
+
+    def _check_record(self, device: str, sample_id: str, meta: bytes, has_image: bool) -> SampleRecord:
+        if len(meta) > self.limits.max_meta_bytes:
+            raise BadRequest(f"meta is {len(meta)} bytes; at most {self.limits.max_meta_bytes} are accepted")
+        try:
+            meta.decode()
+        except UnicodeDecodeError as e:
+            raise BadRequest("meta is not UTF-8 JSON") from e
+        record = parse_record(meta)
+        if record.id != sample_id:
+            raise BadRequest(f"meta says id {record.id!r} but was sent as {sample_id!r}; "
+                             "send it to /v1/devices/<device>/samples/<its id>")
+        if record.device != device:
+            raise BadRequest(f"meta says device {record.device!r} but was sent for {device!r}; "
+                             "a device sends only its own samples")
+        if has_image and record.image is None:
+            raise BadRequest("an image was sent but meta.image is null; describe it there (sha256, bytes, width, "
+                             "height) or send no image")
+        if not has_image and record.image is not None:
+            raise BadRequest("meta.image describes an image but no 'image' part was sent; send it, or set "
+                             "meta.image to null for a metadata-only sample")
+        return record
+
+    def _stage_image(self, folder: Path, sample_id: str, image: BinaryIO, expected: ImageInfo) -> Path:
+        """Copy the image to a temporary file beside its final name, checking its size and sha256 on the way."""
+        limit = self.limits.max_image_bytes
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{sample_id}.", suffix=".jpg.tmp")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := image.read(_CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"the image is larger than {limit} bytes ({limit / 2**20:g} MiB), the "
+                                       "most this inbox accepts; send a smaller JPEG")
+                    head = head or chunk[:len(JPEG_START)]
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size != expected.size:
+                raise BadRequest(f"the image is {size} bytes but meta.image.bytes says {expected.size}")
+            if digest.hexdigest() != expected.sha256.lower():
+                raise BadRequest(f"the image's sha256 is {digest.hexdigest()} but meta.image.sha256 says "
+                                 f"{expected.sha256}; it was damaged on the way or meta describes another image")
+            if head != JPEG_START:
+                raise BadRequest("the image is not a JPEG; send the frame as image/jpeg")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+
+def _stage(folder: Path, sample_id: str, data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{sample_id}.", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def _place(folder: Path, staged: list[tuple[Path, Path]]) -> None:
+    """Rename the staged files to their names (the JSON last: it marks a complete sample), or none of them."""
+    placed: list[Path] = []
+    try:
+        for tmp, final in staged:
+            os.replace(tmp, final)
+            placed.append(final)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the renames reach the disk before the index row is committed
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        for final in placed:
+            final.unlink(missing_ok=True)
+        raise
