@@ -46,6 +46,7 @@ from appliance.settings import Settings
 from appliance.stats import Stats
 from appliance.store import Store
 from appliance.sync import SyncLoop, make_sync
+from appstore_client.fleet import FleetClient
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,9 @@ class Daemon:
         spool = Spool(self.store, s.samples, s.state_dir / "samples", s.device_id)
         await asyncio.get_running_loop().run_in_executor(None, spool.tidy)
         self.samples = SampleCapture(spool, self.store, s.state_dir, s.samples.apps)
-        self.uploader = Uploader(spool, self.store, s.samples, s.appstore.url, s.appstore.device_token, s.device_id)
+        fleet = FleetClient(s.appstore.url, s.device_id, s.appstore.device_token) \
+            if s.appstore.url and s.appstore.device_token else None
+        self.uploader = Uploader(spool, self.store, s.samples, fleet)
         self.samples.on_captured.append(self.uploader.wake)
         self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue,
                                  self._publish_result if s.outputs.results else None, self.samples.on_result)

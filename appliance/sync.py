@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import shutil
@@ -32,8 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import urllib3
-
 from appliance import __version__, packages
 from appliance.errors import ConfigError, InstallError
 from appliance.runtime.partitions import PartitionPlan
@@ -41,6 +38,7 @@ from appliance.settings import Settings
 from appliance.store import Store
 from appstore_client.client import AppStore, AppStoreError, Catalog
 from appstore_client.fetcher import ResumableFetcher, TlsOptions
+from appstore_client.fleet import FleetClient, FleetError
 from formats.app_manifest import AppManifest
 from formats.channel import ChannelDoc, in_rollout
 from formats.errors import FormatError
@@ -49,7 +47,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ACTOR = "appstore-sync"
-REPORT_TIMEOUT_S = 15.0
 SyncStateName = Literal["off", "starting", "syncing", "in sync", "offline", "refused"]
 
 
@@ -100,6 +97,7 @@ class Sync:
         self._dir = settings.state_dir / "appstore"
         self.fetcher = ResumableFetcher(self._dir / "partial",
                                         tls=TlsOptions(a.ca_file, a.cert_file, a.key_file))
+        self.fleet = FleetClient(a.url or "", settings.device_id, a.device_token or "", self.fetcher.pool)
         self.state = SyncState(state="starting", url=a.url or "", channel=a.channel, group=a.group)
         self._failed: dict[tuple[str, str], str] = {}  # (app, version) that did not activate -> why
         self._lock = threading.Lock()  # one pass at a time
@@ -235,17 +233,10 @@ class Sync:
                 "rollout": self.state.rollout, "version": __version__, "apps": apps,
                 "health": {"ok": ok, "reason": reason}, "last_sync": self.state.last_sync,
                 "last_error": self.state.last_error}
-        url = f"{self._client.url}v1/devices/{self._settings.device_id}/status"
         try:
-            r = self.fetcher.pool.request("POST", url, body=json.dumps(body).encode(), timeout=REPORT_TIMEOUT_S,
-                                          headers={"Authorization": f"Bearer {a.device_token}",
-                                                   "Content-Type": "application/json"})
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            log.debug("report to %s failed: %s", url, e)
-            return
-        if r.status >= 400:
-            log.warning("the AppStore refused this appliance's report (HTTP %d): %s; check appstore.device_token",
-                        r.status, r.data[:200].decode(errors="replace"))
+            self.fleet.report(body)
+        except FleetError as e:
+            log.warning("status report not delivered: %s", e)
 
 
 def make_sync(settings: Settings, store: Store, plans: list[PartitionPlan],

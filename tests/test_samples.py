@@ -28,6 +28,7 @@ from appliance.samples.uploader import Uploader
 from appliance.settings import SamplesSettings
 from appliance.store import Store
 from appstore.server import build_app
+from appstore_client.fleet import FleetClient
 from formats.app_manifest import AppManifest
 from tests.conftest import DaemonFactory, Publisher, free_port, wait_until
 from tests.test_appstore import ok
@@ -176,7 +177,7 @@ def device(shop: Shop, name: str = "dev-1") -> str:
 
 def uploader(store: Store, s: Spool, shop: Shop, token: str, url: str | None = None, **settings: object) -> Uploader:
     cfg = SamplesSettings.model_validate({"upload_interval_s": 0.2, "retry_max_s": 1.0, **settings})
-    return Uploader(s, store, cfg, url or shop.url, token, "dev-1")
+    return Uploader(s, store, cfg, FleetClient(url or shop.url, "dev-1", token))
 
 
 @pytest.fixture
@@ -292,3 +293,36 @@ def _counts(d: Any) -> tuple[int, int]:
     by = (d.status().get("samples") or {}).get("by_reason", {})
     kept = sum(c["queued"] + c["uploaded"] for c in by.values())
     return kept, sum(c["uploaded"] for c in by.values())
+
+
+@pytest.mark.slow
+def test_an_operators_false_positive_becomes_a_sample_with_the_clean_frame(make_daemon: DaemonFactory,
+                                                                          models: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    d = make_daemon(start=False)
+    d.cli("models", "add", str(models["demo-detector"]))
+    rule = {"name": "person-seen", "labels": ["person"], "min_score": 0.5, "debounce": {"n": 1, "m": 1},
+            "cooldown_s": 0}
+    app = {"schema": 1, "name": "ppe-watch", "version": "1.0.0", "model": {"name": "demo-detector", "version": "1.0.0"},
+           "sources": ["cameras/+/frame"], "rules": [rule], "samples": {"near_threshold": 0}}
+    (tmp_path / "ppe.json").write_text(json.dumps(app))
+    d.cli("apps", "add", str(tmp_path / "ppe.json"))
+    d.cli("users", "add", "lead", "--role", "operator", "--password-stdin", input="the night shift lead\n")
+    d.start()
+    wait_until(lambda: any(a["state"] == "serving" for a in d.status()["apps"]), 30, what="the app serving")
+    pub = Publisher(d.mqtt_port)
+    try:
+        pub.publish("cameras/cam1/frame", FRAME)
+    finally:
+        pub.close()
+    page = httpx.Client(base_url=d.base_url, timeout=30)
+    assert page.post("/login", data={"user": "lead", "password": "the night shift lead"}).status_code == 303
+    event = wait_until(lambda: page.get("/api/v1/events").json(), 30, what="an alert")[0]
+    assert (d.status().get("samples") or {}).get("by_reason", {}) == {}, "a sure detection is no sample"
+    csrf = page.get("/api/v1/me").json()["csrf_token"]
+    r = page.post(f"/alerts/{event['id']}/handle", data={"action": "false_positive", "csrf_token": csrf})
+    assert r.status_code == 303
+    by = d.status()["samples"]["by_reason"]
+    assert by["false_positive"]["queued"] == 1, by
+    [kept] = list((d.state_dir / "samples").glob("*.jpg"))
+    assert kept.read_bytes() == FRAME, "the clean frame as it arrived, not the annotated snapshot"

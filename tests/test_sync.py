@@ -422,3 +422,20 @@ def test_a_staged_rollout_its_canary_refuses_is_halted_and_the_canary_keeps_serv
     sync_now(d)
     wait_until(lambda: d.status()["appstore"]["rollout"] is None and d.status()["appstore"]["state"] == "in sync",
                30, what="the canary back on the channel's own versions")
+
+
+def test_a_version_that_does_not_serve_is_rolled_back_and_refused(make_daemon: DaemonFactory, shop: Shop,
+                                                                  models: dict[str, Path]) -> None:
+    d = appliance(make_daemon, shop, "activation_timeout_s = 6\n[runtime]\nload_timeout_s = 2\n"
+                                     "strikes_before_quarantine = 1\nrestart_backoff_min_s = 0.1\n")
+    wait_until(lambda: serving(d, "ppe-watch", "1.0.0"), 60, what="ppe-watch 1.0.0")
+    ok(shop.repo, "publish", "model", str(models["demo-load-hang"]))  # hangs while it loads
+    shop.publish_app("1.1.0", model="demo-load-hang")
+    ok(shop.repo, "channel", "set", "stable", "--app", "ppe-watch=1.1.0")
+    sync_now(d)
+    link = wait_until(lambda: (s := d.status()["appstore"])["refused"] and s, 60, what="the refusal")
+    why = link["refused"]["ppe-watch"]
+    assert "1.1.0 did not serve within 6 s" in why and "rolled back to 1.0.0" in why, why
+    wait_until(lambda: serving(d, "ppe-watch", "1.0.0"), 30, what="1.0.0 serving again")
+    [device] = shop.fleet()["devices"]
+    assert device["apps"]["ppe-watch"]["state"] == "refused" and "rolled back" in device["last_error"]

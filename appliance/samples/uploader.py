@@ -19,17 +19,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import urllib3
 from PIL import Image
 
 from appliance.samples.redact import redact
 from appliance.samples.spool import Spool
 from appliance.settings import SamplesSettings
 from appliance.store import SampleRecord, Store
+from appstore_client.fleet import FleetClient, FleetError
 
 log = logging.getLogger(__name__)
-
-TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -42,20 +40,16 @@ class UploadState:
 
 
 class Uploader:
-    def __init__(self, spool: Spool, store: Store, settings: SamplesSettings, url: str | None, token: str | None,
-                 device_id: str, pool: urllib3.PoolManager | None = None) -> None:
+    def __init__(self, spool: Spool, store: Store, settings: SamplesSettings, fleet: FleetClient | None) -> None:
         self._spool, self._store, self._settings = spool, store, settings
-        self._url = (url or "").rstrip("/")
-        self._token = token
-        self._device = device_id
-        self._pool = pool or urllib3.PoolManager(retries=False)
+        self._fleet = fleet  # None: no AppStore to send to
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state = UploadState()
         if settings.upload == "off":
             self.state.state = "off"
-        elif not self._url or not token:
+        elif fleet is None:
             self.state.state = "no AppStore"
         else:
             self.state.state = "idle"
@@ -76,7 +70,7 @@ class Uploader:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(TIMEOUT_S + 5)
+            self._thread.join(35.0)
 
     def _run(self) -> None:
         failures = 0
@@ -86,7 +80,7 @@ class Uploader:
                 failures = 0
                 delay = 0.0 if sent >= self._settings.batch else self._settings.upload_interval_s
                 self.state.state = "idle"
-            except (urllib3.exceptions.HTTPError, OSError, UploadRefused) as e:
+            except (FleetError, OSError) as e:
                 failures += 1
                 delay = min(self._settings.retry_max_s, 1.0 * 2 ** (failures - 1)) * (0.5 + random.random())
                 self.state.state, self.state.last_error = "retrying", str(e)
@@ -97,7 +91,7 @@ class Uploader:
 
     def run_once(self) -> int:
         """Send up to one batch; how many were delivered. Raises on the first failure (the rest wait)."""
-        if self._settings.upload == "off" or not self._url or not self._token:
+        if self._settings.upload == "off" or self._fleet is None:
             return 0  # the site's policy: nothing leaves
         sent = 0
         for sample in self._store.queued_samples(self._settings.batch):
@@ -113,8 +107,8 @@ class Uploader:
         return sent
 
     def _send(self, sample: SampleRecord) -> None:
+        assert self._fleet is not None
         meta = json.loads(sample.meta_json)
-        fields: dict[str, Any] = {}
         image = self._spool.image(sample.id) if self._settings.upload == "full" else None
         if image is not None and self._settings.redact_labels:
             image = redact(image, meta.get("predictions", []), self._settings.redact_labels,
@@ -125,24 +119,14 @@ class Uploader:
                 width, height = im.size
             meta["image"] = {"sha256": hashlib.sha256(image).hexdigest(), "bytes": len(image), "width": width,
                              "height": height}
-            fields["image"] = (f"{sample.id}.jpg", image, "image/jpeg")
         else:
             meta["image"] = None
         meta["privacy"] = self._settings.upload
-        fields["meta"] = ("meta.json", json.dumps(meta).encode(), "application/json")
-        self._throttle(sum(len(v[1]) for v in fields.values()))
+        self._throttle(len(json.dumps(meta)) + len(image or b""))
         self._store.sample_attempted(sample.id)
-        r = self._pool.request("PUT", f"{self._url}/v1/devices/{self._device}/samples/{sample.id}", fields=fields,
-                               headers={"Authorization": f"Bearer {self._token}"}, timeout=TIMEOUT_S)
-        if r.status not in (200, 201):
-            raise UploadRefused(f"the inbox answered HTTP {r.status} to sample {sample.id}: "
-                                f"{r.data[:200].decode(errors='replace')}")
+        self._fleet.put_sample(sample.id, meta, image)  # a duplicate answer also means delivered
 
     def _throttle(self, size: int) -> None:
         kbps = self._settings.bandwidth_kbps
         if kbps > 0:
             self._stop.wait(size * 8 / 1000 / kbps)  # the time these bytes take at the cap
-
-
-class UploadRefused(Exception):
-    """The inbox refused a sample (or answered with an error): try again later."""
