@@ -49,8 +49,9 @@ def det(label: str, score: float) -> Detection:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "appliance.db")
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "appliance.db") as s:
+        yield s
 
 
 def spool(store: Store, tmp_path: Path, **settings: object) -> Spool:
@@ -307,7 +308,7 @@ def test_an_operators_false_positive_becomes_a_sample_with_the_clean_frame(make_
            "sources": ["cameras/+/frame"], "rules": [rule], "samples": {"near_threshold": 0}}
     (tmp_path / "ppe.json").write_text(json.dumps(app))
     d.cli("apps", "add", str(tmp_path / "ppe.json"))
-    d.cli("users", "add", "lead", "--role", "operator", "--password-stdin", input="the night shift lead\n")
+    d.cli("users", "add", "shift", "--role", "operator", "--password-stdin", input="quiet corridor at night\n")
     d.start()
     wait_until(lambda: any(a["state"] == "serving" for a in d.status()["apps"]), 30, what="the app serving")
     pub = Publisher(d.mqtt_port)
@@ -316,7 +317,7 @@ def test_an_operators_false_positive_becomes_a_sample_with_the_clean_frame(make_
     finally:
         pub.close()
     page = httpx.Client(base_url=d.base_url, timeout=30)
-    assert page.post("/login", data={"user": "lead", "password": "the night shift lead"}).status_code == 303
+    assert page.post("/login", data={"user": "shift", "password": "quiet corridor at night"}).status_code == 303
     event = wait_until(lambda: page.get("/api/v1/events").json(), 30, what="an alert")[0]
     assert (d.status().get("samples") or {}).get("by_reason", {}) == {}, "a sure detection is no sample"
     csrf = page.get("/api/v1/me").json()["csrf_token"]

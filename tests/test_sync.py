@@ -430,7 +430,10 @@ def test_a_version_that_does_not_serve_is_rolled_back_and_refused(make_daemon: D
                                      "strikes_before_quarantine = 1\nrestart_backoff_min_s = 0.1\n")
     wait_until(lambda: serving(d, "ppe-watch", "1.0.0"), 60, what="ppe-watch 1.0.0")
     ok(shop.repo, "publish", "model", str(models["demo-load-hang"]))  # hangs while it loads
-    shop.publish_app("1.1.0", model="demo-load-hang")
+    manifest = json.loads(write_app(shop.folder / "app-1.1.0.json", "1.1.0", "demo-load-hang").read_text())
+    manifest["rules"][0]["labels"] = ["red"]  # a label this model has: the install is accepted, the load hangs
+    (shop.folder / "app-1.1.0.json").write_text(json.dumps(manifest))
+    ok(shop.repo, "publish", "app", str(shop.folder / "app-1.1.0.json"))
     ok(shop.repo, "channel", "set", "stable", "--app", "ppe-watch=1.1.0")
     sync_now(d)
     link = wait_until(lambda: (s := d.status()["appstore"])["refused"] and s, 60, what="the refusal")
