@@ -16,6 +16,7 @@ from appstore import paths
 from appstore.errors import PublishError
 from appstore.repository import Repository, TargetsEditor
 from formats import AppManifest, FormatError, ModelCard
+from formats.graph import card_problems
 from formats.model_card import package_files
 
 
@@ -29,26 +30,14 @@ class Published:
 
 
 def _check_graph(card: ModelCard, data: bytes, where: Path) -> None:
-    """The graph must be valid ONNX and have the card's input and outputs (the appliance checks the rest)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+    """The graph must agree with its card exactly as an appliance checks it at install (formats.graph)."""
     try:
-        model = onnx.load_from_string(data)
-        onnx.checker.check_model(model)
-    except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PublishError(f"{where} is not a valid ONNX model ({first}); export it again") from e
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [v.name for v in model.graph.input if v.name not in initializers]
-    outputs = [v.name for v in model.graph.output]
-    if card.input.name not in inputs:
-        raise PublishError(f"{where}: the card's input {card.input.name!r} is not an input of the graph "
-                           f"(graph inputs: {', '.join(inputs) or 'none'}); fix model.json")
-    missing = [n for n in card.output_names() if n not in outputs]
-    if missing:
-        raise PublishError(f"{where}: the card's outputs {', '.join(missing)} are not outputs of the graph "
-                           f"(graph outputs: {', '.join(outputs)}); fix model.json")
+        problems = card_problems(card, data, str(where))
+    except FormatError as e:
+        raise PublishError(str(e)) from e
+    if problems:
+        raise PublishError(f"{where.parent / 'model.json'} disagrees with {where.name}: " + "; ".join(problems)
+                           + "; fix model.json or export the model again")
 
 
 def _sha256(data: bytes) -> str:

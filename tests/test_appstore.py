@@ -395,3 +395,15 @@ def test_an_expired_timestamp_is_refreshed(tmp_path: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_publish_refuses_a_model_an_appliance_would_refuse(tmp_path: Path) -> None:
+    """The same card-against-graph check as `appliance models add` (formats.graph)."""
+    repo = tmp_path / "repo"
+    ok(repo, "keys", "init")
+    model = build_detector(tmp_path / "demo-detector")
+    card = json.loads((model / "model.json").read_text())
+    card["labels"] = [*card["labels"], "vest"]  # the graph has rows for 2 classes, the card names 3
+    (model / "model.json").write_text(json.dumps(card))
+    line = refused(repo, "publish", "model", str(model))
+    assert "3 labels need 7 rows" in line and "graph has 6" in line, line
