@@ -155,7 +155,8 @@ class Pipeline:
                 old.enabled, old.spec = rec.enabled, spec
                 serving[rec.name] = old
                 continue
-            new = ActiveApp(manifest, RuleEngine(manifest), rec.enabled, spec)
+            engine = old.engine.successor(manifest) if old is not None else RuleEngine(manifest)
+            new = ActiveApp(manifest, engine, rec.enabled, spec)
             pending = self._incoming.get(rec.name)
             if pending is not None and pending.manifest == manifest:
                 new = pending

@@ -146,6 +146,18 @@ def test_cooldown_suppresses_then_allows() -> None:
     assert not fired(e, CAM1, [PERSON], 111.0)
 
 
+def test_an_upgrade_with_the_same_rules_keeps_cooldown_and_debounce() -> None:
+    e = engine(cooldown_s=10, debounce={"n": 2, "m": 3})
+    assert run(e, "xx") == [False, True]
+    same_rules = e.manifest.model_copy(update={"version": "1.3.0"})
+    upgraded = e.successor(same_rules)
+    assert not fired(upgraded, CAM1, [PERSON], 5.0), "the alert is still cooling down after the model upgrade"
+    [firing] = upgraded.evaluate(CAM1, [PERSON], 11.0)
+    assert firing.app_version == "1.3.0"
+    new_rules = engine(cooldown_s=10, debounce={"n": 1, "m": 1}).manifest
+    assert fired(e.successor(new_rules), CAM1, [PERSON], 12.0), "new rules start afresh"
+
+
 def test_frames_during_cooldown_still_fill_the_debounce_window() -> None:
     e = engine(cooldown_s=5, debounce={"n": 3, "m": 3})
     assert run(e, "xxxxxx", start=0) == [False, False, True, False, False, False]

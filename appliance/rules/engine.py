@@ -135,6 +135,15 @@ class RuleEngine:
     def manifest(self) -> AppManifest:
         return self._manifest
 
+    def successor(self, manifest: AppManifest) -> RuleEngine:
+        """The engine for the app's next version. With the same rules, the debounce and cool-down state
+        carries over (shared: the old engine stops being used at the swap), so upgrading only the model
+        neither fires an alert again nor forgets one that is cooling down."""
+        new = RuleEngine(manifest)
+        if tuple(manifest.rules) == self._rules:
+            new._sources, new._lock = self._sources, self._lock
+        return new
+
     @property
     def tracked_sources(self) -> frozenset[str]:
         """Sources that currently hold state."""
