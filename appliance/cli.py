@@ -13,10 +13,13 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, DaemonUnreachable
 from appliance.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.auth import Actor
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -75,7 +78,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _store(settings) as store:
         if args.action == "add":
-            m = packages.install_model(store, settings.models_dir, Path(args.path))
+            m = packages.install_model(store, settings.models_dir, Path(args.path), by=_cli_actor())
             print(f"installed model {m.name} {m.version} ({m.task}, sha256 {m.sha256[:12]})")
         elif args.action == "remove":
             packages.remove_model(store, args.name, args.version)
@@ -123,18 +126,22 @@ def cmd_apps(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _store(settings) as store:
         if args.action == "add":
-            a = packages.install_app(store, Path(args.path), _plans(settings), settings.placement.pins)
+            a = packages.install_app(store, Path(args.path), _plans(settings), settings.placement.pins,
+                                     by=_cli_actor())
             print(f"installed app {a.name} {a.version} (model {a.model_name} {a.model_version})")
         elif args.action == "rollback":
-            a = packages.rollback_app(store, args.name)
+            by = _cli_actor()
+            a = packages.rollback_app(store, args.name, by.name, by.address)
             print(f"app {a.name} rolled back to {a.version} (model {a.model_name} {a.model_version})")
         elif args.action == "remove":
             store.remove_app(args.name)
-            store.audit("cli", "app.remove", {"app": args.name})
+            by = _cli_actor()
+            store.audit(by.name, "app.remove", {"app": args.name}, by.address)
             print(f"removed app {args.name}")
         elif args.action in ("enable", "disable"):
             store.set_app_enabled(args.name, args.action == "enable")
-            store.audit("cli", f"app.{args.action}", {"app": args.name})
+            by = _cli_actor()
+            store.audit(by.name, f"app.{args.action}", {"app": args.name}, by.address)
             print(f"app {args.name} {args.action}d")
         else:
             rows = store.list_apps()
@@ -231,6 +238,13 @@ def _read_password(args: argparse.Namespace, user: str) -> str:
     return first
 
 
+def _cli_actor() -> Actor:
+    """Who acts from the command line, for the audit log: the OS user, on the box itself."""
+    from appliance.auth import Actor
+
+    return Actor(f"cli:{_os_user()}", "local")
+
+
 def _os_user() -> str:
     try:
         return getpass.getuser()
@@ -239,12 +253,12 @@ def _os_user() -> str:
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    from appliance.auth import Accounts, Actor, check_user_name
+    from appliance.auth import Accounts, check_user_name
 
     settings = _settings(args)
     with _store(settings) as store:
         accounts = Accounts(store)
-        by = Actor(f"cli:{_os_user()}", "local")
+        by = _cli_actor()
         if args.action == "add":
             check_user_name(args.name)
             if store.get_user(args.name) is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from appliance.auth.accounts import Actor
 from appliance.errors import InstallError
 from appliance.runtime.deploy import admit_app
 from appliance.runtime.partitions import PartitionPlan
@@ -28,6 +29,7 @@ from formats.graph import card_problems
 from formats.model_card import package_files
 
 F = TypeVar("F", bound=Callable[..., Any])
+CLI = Actor("cli", "local")  # who installs when no one else is named: the command line on the box
 
 def _package_files(path: Path) -> tuple[Path, Path]:
     try:
@@ -46,7 +48,8 @@ def _audited_refusal(action: str) -> Callable[[F], F]:
                 return fn(store, *args, **kwargs)
             except InstallError as e:
                 package = args[1] if action == "model.install" else args[0]  # (models_dir, package) or (path, ...)
-                store.audit("cli", f"{action}.refused", {"package": str(package), "reason": str(e)})
+                by: Actor = kwargs.get("by") or CLI
+                store.audit(by.name, f"{action}.refused", {"package": str(package), "reason": str(e)}, by.address)
                 raise
 
         return cast(F, inner)
@@ -55,7 +58,7 @@ def _audited_refusal(action: str) -> Callable[[F], F]:
 
 
 @_audited_refusal("model.install")
-def install_model(store: Store, models_dir: Path, package: Path) -> ModelRecord:
+def install_model(store: Store, models_dir: Path, package: Path, *, by: Actor = CLI) -> ModelRecord:
     """Check and install a model package; nothing changes unless every check passes."""
     onnx_path, card_path = _package_files(package)
     try:
@@ -93,7 +96,7 @@ def install_model(store: Store, models_dir: Path, package: Path) -> ModelRecord:
         store.add_model(card.to_json(), card.name, card.version, card.task, digest, len(data), str(final / "model.onnx"))
     except StoreError as e:
         raise InstallError(str(e)) from e
-    store.audit("cli", "model.install", {"model": card.key, "sha256": digest})
+    store.audit(by.name, "model.install", {"model": card.key, "sha256": digest}, by.address)
     record = store.get_model(card.name, card.version)
     assert record is not None
     return record
@@ -106,20 +109,20 @@ def remove_model(store: Store, name: str, version: str) -> ModelRecord:
         raise InstallError(str(e)) from e
     if not any(m.sha256 == record.sha256 for m in store.list_models()):
         shutil.rmtree(Path(record.path).parent, ignore_errors=True)
-    store.audit("cli", "model.remove", {"model": f"{name}@{version}"})
+    store.audit(CLI.name, "model.remove", {"model": f"{name}@{version}"}, CLI.address)
     return record
 
 
 @_audited_refusal("app.install")
 def install_app(store: Store, path: Path, plans: list[PartitionPlan] | None = None,
-                pins: Mapping[str, str] | None = None) -> AppRecord:
+                pins: Mapping[str, str] | None = None, *, by: Actor = CLI) -> AppRecord:
     """Check and install (or upgrade) an app; with ``plans``, refuse it unless it fits in the partitions."""
     manifest_path = path / "app.json" if path.is_dir() else path
     try:
         manifest = AppManifest.load(manifest_path)
     except FormatError as e:
         raise InstallError(f"app manifest refused:\n{e}") from e
-    return _install_manifest(store, manifest, plans, pins or {})
+    return _install_manifest(store, manifest, plans, pins or {}, by.name, by.address)
 
 
 def rollback_app(store: Store, name: str, actor: str = "cli", address: str | None = None) -> AppRecord:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from appliance import __version__, packages
+from appliance.auth.accounts import Actor
 from appliance.errors import ConfigError, InstallError
 from appliance.runtime.partitions import PartitionPlan
 from appliance.settings import Settings
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ACTOR = "appstore-sync"
+SYNC = Actor(ACTOR, "appstore")  # in the audit log: installs, rollbacks and refusals of the sync
 SyncStateName = Literal["off", "starting", "syncing", "in sync", "offline", "refused"]
 
 
@@ -169,14 +171,10 @@ class Sync:
                 folder = staging / "model"
                 for f in ("model.json", "model.onnx"):
                     self._client.download(f"models/{model_name}/{model_version}/{f}", folder / f)
-                packages.install_model(self._store, self._settings.models_dir, folder)
-                self._store.audit(ACTOR, "model.install", {"model": f"{model_name}@{model_version}",
-                                                           "from": self._client.url}, "appstore")
+                packages.install_model(self._store, self._settings.models_dir, folder, by=SYNC)
             previous = current.version if current is not None else None
-            packages.install_app(self._store, manifest_path, plans=self._plans,
-                                 pins=self._settings.placement.pins)
-            self._store.audit(ACTOR, "app.install", {"app": name, "version": version, "previous": previous,
-                                                     "from": self._client.url}, "appstore")
+            packages.install_app(self._store, manifest_path, plans=self._plans, pins=self._settings.placement.pins,
+                                 by=SYNC)
             log.info("AppStore: installed %s %s (was %s); waiting for it to serve", name, version, previous or "none")
         except AppStoreError as e:
             if e.reason == "offline":

@@ -152,6 +152,9 @@ def test_a_real_event_is_handled_through_the_api(make_daemon: DaemonFactory, mod
                == "disabled", 10, what="the daemon to apply the disable")
     lines = {(a["action"], a["actor"]) for a in admin.get("/api/v1/audit").json()}
     assert {("event.handle", "shift-lead"), ("app.disable", "boss"), ("token.create", "boss")} <= lines
+    installs = {(a["action"], a["actor"], a["address"]) for a in admin.get("/api/v1/audit").json()}
+    cli = f"cli:{getpass.getuser()}"
+    assert {("model.install", cli, "local"), ("app.install", cli, "local")} <= installs, "the CLI's own lines"
     api_status = admin.get("/api/v1/status").json()
     assert api_status["device"] == d.device and api_status["health"]["ok"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,6 +155,10 @@ def test_the_appliance_installs_what_its_channel_says_and_reports(make_daemon: D
     device = fleet["devices"][0]
     assert device["id"] == d.device and device["apps"]["ppe-watch"]["version"] == "1.0.0"
     assert device["health"]["ok"] is True
+    with sqlite3.connect(f"file:{d.state_dir / 'appliance.db'}?mode=ro", uri=True) as db:
+        lines = set(db.execute("SELECT actor, action, address FROM audit_log"))
+    assert {("appstore-sync", "model.install", "appstore"), ("appstore-sync", "app.install", "appstore")} <= lines, \
+        "the audit log says the AppStore sync installed them"
 
 
 def test_a_new_version_swaps_within_one_sync_with_no_lost_frame(make_daemon: DaemonFactory, shop: Shop) -> None:
