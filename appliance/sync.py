@@ -136,6 +136,8 @@ class Sync:
         want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions(),
                                      catalog)
         self.state.catalog_version, self.state.desired, self.state.rollout = catalog.version, want, rollout
+        # a refused version is tried again once the desired version has moved on and come back
+        self._failed = {k: v for k, v in self._failed.items() if want.get(k[0]) == k[1]}
         self.state.catalog = [
             {"name": name, "versions": [v.version for v in versions], "latest": versions[-1].version,
              "description": versions[-1].description, "model": versions[-1].model}

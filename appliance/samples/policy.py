@@ -38,12 +38,14 @@ class Chooser:
         self._rng = rng or random.Random()  # sampling, not security
         self._taken: dict[str, deque[float]] = {}  # app -> when its automatic samples were taken (a day's)
         self._last: dict[tuple[str, str, str], float] = {}  # (app, source, label) -> last sample
+        # the policy in force per app manifest (kept with the manifest, so that the id is never reused)
+        self._policies: dict[int, tuple[AppManifest, SamplePolicy]] = {}
 
     def choose(self, manifest: AppManifest, source: str, detections: list[Detection],
                now: float | None = None) -> tuple[Reason, str] | None:
         """(reason, label) if this result should be kept, else None."""
         now = time.time() if now is None else now
-        policy = effective_policy(manifest, self._overrides)
+        policy = self._policy(manifest)
         found = self._reason(manifest, policy, detections)
         if found is None:
             return None
@@ -57,6 +59,17 @@ class Chooser:
         if len(self._last) > 10_000:
             self._last.clear()
         return reason, label
+
+    def _policy(self, manifest: AppManifest) -> SamplePolicy:
+        """Validated once per manifest the pipeline serves, not once per frame."""
+        cached = self._policies.get(id(manifest))
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        if len(self._policies) > 256:
+            self._policies.clear()
+        policy = effective_policy(manifest, self._overrides)
+        self._policies[id(manifest)] = (manifest, policy)
+        return policy
 
     def _reason(self, manifest: AppManifest, policy: SamplePolicy,
                 detections: list[Detection]) -> tuple[Reason, str] | None:

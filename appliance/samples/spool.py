@@ -46,7 +46,7 @@ class Spool:
         """Keep ``frame`` as a sample; its id, or None when it was not kept (no room, or not an image)."""
         s = self._settings
         if shutil.disk_usage(self.folder).free < s.min_free_bytes:
-            self._store.add_sample(_refused(reason), 0, 0)  # counted as a drop, nothing written
+            self._store.sample_dropped(reason)
             log.warning("sample of %s on %s not kept: less than %d MB free on disk", app, source,
                         s.min_free_bytes // 2**20)
             return None
@@ -94,11 +94,6 @@ class Spool:
         for f in self.folder.glob(".*.tmp"):
             f.unlink(missing_ok=True)
         self._store.prune_uploaded_samples(time.time() - UPLOADED_KEPT_S)
-
-
-def _refused(reason: str) -> SampleRecord:
-    """A sample that cannot fit a zero quota: ``add_sample`` only counts it as dropped."""
-    return SampleRecord(f"refused-{uuid.uuid4().hex}", time.time(), "", "", reason, -1, 1, "{}")
 
 
 def _normalise(frame: bytes, max_side: int, quality: int) -> tuple[bytes, int, int]:

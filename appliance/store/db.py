@@ -424,11 +424,14 @@ class Store:
                            (sample.id, sample.ts, sample.app, sample.source, sample.reason, sample.priority,
                             sample.bytes, sample.meta_json))
             for _, reason in dropped:
-                db.execute("INSERT INTO sample_drops (reason, count) VALUES (?, 1) "
-                           "ON CONFLICT (reason) DO UPDATE SET count = count + 1", (reason,))
+                _count_drop(db, reason)
             return kept, [i for i, _ in dropped if i != sample.id]
 
         return self._write(write)
+
+    def sample_dropped(self, reason: str) -> None:
+        """Count a sample that was not kept at all (no room on the disk)."""
+        self._write(lambda db: _count_drop(db, reason))
 
     def queued_samples(self, limit: int) -> list[SampleRecord]:
         """The next samples to upload: the most valuable first, then the oldest."""
@@ -864,3 +867,8 @@ def _check_json(text: str, what: str) -> None:
         json.loads(text)
     except ValueError as e:
         raise ValueError(f"{what} is not valid JSON: {e}") from e
+
+
+def _count_drop(db: Database, reason: str) -> None:
+    db.execute("INSERT INTO sample_drops (reason, count) VALUES (?, 1) "
+               "ON CONFLICT (reason) DO UPDATE SET count = count + 1", (reason,))
