@@ -98,9 +98,10 @@ class Daemon:
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
         providers = tuple((name, dict(options)) for name, options in session_providers(plan))
         runtime = self.settings.runtime
+        executors = runtime.executors or plan.executors
         return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
-                            intra_op_threads=runtime.intra_op_threads or plan.intra_op_threads,
-                            executors=runtime.executors or plan.executors,
+                            intra_op_threads=runtime.intra_op_threads or plan.threads_for(executors),
+                            executors=executors,
                             max_image_pixels=self.settings.ingest.max_image_pixels,
                             max_batch=self.settings.runtime.max_batch,
                             max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -355,8 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CLI_NICE = 10  # added to a management command's nice value (see main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func not in (cmd_run, cmd_demo):
+        # a management command (installing a model checks and hashes it) must not take the cores from the
+        # running daemon's inference: at a lower priority it only uses what serving leaves idle
+        with contextlib.suppress(OSError):
+            os.nice(CLI_NICE)
     try:
         result: int = args.func(args)
         return result

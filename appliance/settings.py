@@ -99,7 +99,8 @@ class RuntimeSettings(_Section):
     strikes_before_quarantine: int = Field(default=3, ge=1)  # hangs/crashes of one model before it is stopped
     # jobs a worker runs at once, each on its own thread; 0: one per core of a CPU partition, one on a GPU
     executors: int = Field(default=0, ge=0, le=64)
-    intra_op_threads: int = Field(default=0, ge=0)  # per session, shared by its executors; 0: one per core
+    # per session, shared by its executors; 0: a CPU partition's cores shared out among them (1 each by default)
+    intra_op_threads: int = Field(default=0, ge=0)
     # dynamic batching: up to max_batch frames for one model run together (models with a dynamic first axis);
     # the worker waits at most max_batch_delay_ms for a batch to fill. 1 turns it off (the default on CPUs).
     max_batch: int = Field(default=1, ge=1, le=64)

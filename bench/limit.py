@@ -6,8 +6,8 @@ session options the worker uses (``appliance.runtime.worker``): ``intra_op_num_t
 one inter-op thread, sequential execution. A *layout* is ``processes`` spawned processes, each with
 ``loops`` threads running the loop on one shared session with ``threads`` intra-op threads; with one
 process per core and one thread each, each process is pinned to its own core. One process with a loop
-per core, sharing one session with a thread per core that does not spin, is the appliance worker's
-layout on a CPU partition (its executor threads).
+per core, sharing one session with one intra-op thread (no pool: each loop runs the model on its own
+thread), is the appliance worker's layout on a CPU partition (its executor threads).
 
 A :class:`LimitPool` keeps a layout's processes and sessions alive, so that the limit can be measured
 again and again between the runs of the systems under test (the machine is shared: only measurements
@@ -63,7 +63,7 @@ class LayoutResult:
 
 def session_options(threads: int, spinning: bool = True) -> Any:
     """The worker's session options (``appliance.runtime.worker._load``): with several executors (loops)
-    sharing a session, its threads do not spin while idle."""
+    sharing a session with a pool of threads, they do not spin while idle."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

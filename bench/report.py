@@ -297,8 +297,8 @@ def _conditions(r: dict[str, Any]) -> list[str]:
          f"{_get(c, 'frames', 'mean_bytes')} bytes on average, encoded before the run."),
         (f"- Threads: the appliance's worker runs {_get(c, 'threads', 'appliance_executors')} executor threads "
          f"(one per core, the default on a CPU partition) sharing one session with "
-         f"{_get(c, 'threads', 'appliance_intra_op')} intra-op threads that do not spin while idle; the naive "
-         "baseline uses one thread with "
+         f"{_get(c, 'threads', 'appliance_intra_op')} intra-op thread(s) (1, its default there: no thread pool, "
+         "each executor runs the model on its own thread); the naive baseline uses one thread with "
          f"{_get(c, 'threads', 'naive')} intra-op threads (one per core, ONNX Runtime's default); both 1 inter-op "
          "thread, sequential execution. The limit tries both layouts and one process per core with one thread "
          "each (pinned), and takes the best."),

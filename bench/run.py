@@ -103,11 +103,16 @@ class Runner:
         n = ctx.threads
         pools = {}
         # one process per core; one process with a thread per core; the worker's layout: one process with a
-        # loop (executor) per core sharing a session with a thread per core
-        for processes, threads, loops in ((n, 1, 1), (1, n, 1), (1, n, n)) if n > 1 else ((1, 1, 1),):
+        # loop per executor sharing a session (a loop per core, one thread each, by default)
+        executors, intra_op = S.worker_layout()
+        layouts = [(n, 1, 1), (1, n, 1)] if n > 1 else [(1, 1, 1)]
+        if executors > 1 and (1, intra_op, executors) not in layouts:
+            layouts.append((1, intra_op, executors))
+        for processes, threads, loops in layouts:
             pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads, loops))
             pools[pool.name] = pool
-        same = next(p.name for p in pools.values() if p.processes == 1 and p.loops == n)
+        same = next(p.name for p in pools.values() if p.processes == 1 and p.loops == executors) \
+            if executors > 1 else next(p.name for p in pools.values() if p.processes == 1)
         self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
         s = C.Systems(pools, same)
         for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None)):

@@ -141,6 +141,16 @@ def model_key(version: str = "1.0.0", name: str = BENCH_MODEL) -> str:
     return f"{name}@{version}"
 
 
+def worker_layout() -> tuple[int, int]:
+    """(executors, intra-op threads per session) of the worker the appliance runs on this machine's CPU
+    partition with its default settings, from the appliance's own planner."""
+    from appliance.runtime.inventory import read_inventory
+    from appliance.runtime.partitions import plan_partitions
+
+    cpu = [p for p in plan_partitions("auto", read_inventory(), Path("tensorrt-cache")) if p.kind == "cpu"][-1]
+    return cpu.executors, cpu.threads_for(cpu.executors)
+
+
 def install_bench_app(ctx: Context, daemon: Appliance) -> None:
     daemon.cli("models", "add", str(ctx.model_dir))
     daemon.cli("apps", "add", str(make_app(ctx.workdir / f"app-{daemon.http_port}.json", "bench", BENCH_MODEL,
@@ -151,6 +161,7 @@ def install_bench_app(ctx: Context, daemon: Appliance) -> None:
 
 
 def conditions(ctx: Context) -> dict[str, Any]:
+    executors, intra_op = worker_layout()
     import onnxruntime
 
     from appliance import __version__
@@ -183,7 +194,7 @@ def conditions(ctx: Context) -> dict[str, Any]:
                       (ctx.model_dir / "model.onnx").stat().st_size / 1e6, 2)},
         "frames": {"count": len(ctx.frames), "size": "640x480 JPEG quality 80 (appliance.demo.scene.render_frame)",
                    "mean_bytes": int(np.mean([len(f) for f in ctx.frames]))},
-        "threads": {"appliance_executors": ctx.threads, "appliance_intra_op": ctx.threads, "naive": ctx.threads,
+        "threads": {"appliance_executors": executors, "appliance_intra_op": intra_op, "naive": ctx.threads,
                     "inter_op": 1, "execution_mode": "sequential"},
     }
 

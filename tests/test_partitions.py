@@ -79,7 +79,7 @@ def test_auto_on_h100_with_seven_mig_instances() -> None:
     assert len({p.env["CUDA_VISIBLE_DEVICES"] for p in plans[:7]}) == 7
     cpu = plans[-1]
     assert cpu.cores == tuple(range(1, 16)), "core 0 is left to the management plane"
-    assert (cpu.executors, cpu.intra_op_threads) == (15, 15) and cpu.memory_mb == inv.memory_mb == 257560
+    assert (cpu.executors, cpu.intra_op_threads) == (15, 1) and cpu.memory_mb == inv.memory_mb == 257560
     assert cpu.env == {} and cpu.providers == (("CPUExecutionProvider", {}),)
     assert cpu.expected_provider == "CPUExecutionProvider"
 
@@ -97,7 +97,17 @@ def test_auto_on_a_single_t4() -> None:
 def test_auto_on_a_box_without_gpu_uses_every_core() -> None:
     [cpu] = plan_partitions("auto", inventory("cpu-only.json"), TRT)
     assert (cpu.name, cpu.device, cpu.kind, cpu.cores, cpu.memory_mb) == ("cpu", "cpu", "cpu", (0, 1), 3915)
-    assert cpu.providers == (("CPUExecutionProvider", {}),) and cpu.env == {} and (cpu.executors, cpu.intra_op_threads) == (2, 2)
+    assert cpu.providers == (("CPUExecutionProvider", {}),) and cpu.env == {} and (cpu.executors, cpu.intra_op_threads) == (2, 1)
+
+
+def test_fewer_executors_on_a_cpu_partition_share_its_cores_out() -> None:
+    """One executor per core by default, each running its frame on its own core; an operator who sets fewer
+    executors (runtime.executors) still gets every core, as intra-op threads."""
+    [cpu] = plan_partitions("auto", inventory("cpu-only.json"), TRT)
+    assert cpu.threads_for(cpu.executors) == 1
+    assert cpu.threads_for(1) == 2
+    gpu0, _ = plan_partitions("auto", inventory("t4-single.json"), TRT)
+    assert gpu0.threads_for(1) == gpu0.threads_for(4) == GPU_INTRA_OP_THREADS
 
 
 def test_auto_on_two_gpus_gives_each_its_own_index() -> None:
@@ -147,7 +157,7 @@ def test_soft_slices_on_a_t4() -> None:
     assert (a.compute_percent, b.compute_percent, c.compute_percent) == (30, 50, 20)
     assert cuda(a) == {"device_id": "0", "gpu_mem_limit": str(4096 * MiB), "arena_extend_strategy": "kSameAsRequested"}
     assert cuda(b)["gpu_mem_limit"] == str(8192 * MiB) and cuda(c)["gpu_mem_limit"] == str(3072 * MiB)
-    assert d.cores == (2, 3) and (d.executors, d.intra_op_threads) == (2, 2) and d.memory_mb == 31890
+    assert d.cores == (2, 3) and (d.executors, d.intra_op_threads) == (2, 1) and d.memory_mb == 31890
 
 
 def test_slices_without_a_compute_share_split_what_is_left() -> None:
@@ -194,7 +204,7 @@ def test_a_cpu_partition_without_cores_gets_the_rest() -> None:
     a, b, g = declared(inventory("t4-single.json"), {"name": "a", "device": "cpu", "cores": [0, 1], "memory_mb": 1000},
                        {"name": "b", "device": "cpu"}, {"name": "g", "device": "cuda:0"})
     assert a.cores == (0, 1) and a.memory_mb == 1000
-    assert b.cores == (2, 3, 4, 5, 6, 7) and (b.executors, b.intra_op_threads) == (6, 6) and b.memory_mb == 31890 - 1000
+    assert b.cores == (2, 3, 4, 5, 6, 7) and (b.executors, b.intra_op_threads) == (6, 1) and b.memory_mb == 31890 - 1000
     assert g.kind == "gpu" and g.memory_mb == 15360 and g.cores == ()
 
 

@@ -74,6 +74,43 @@ def test_two_cpu_partitions_pinned_to_their_cores(make_daemon: DaemonFactory, mo
     assert "left" in text and "right" in text and f"cores {core_a}" in text and "utilisation" in text
 
 
+def _nice(pid: int, tid: str) -> int:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of stat; the text after ")" starts at 3
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
+@pytest.mark.parametrize("executors", [0, 1])
+def test_a_cpu_partition_runs_a_frame_per_core_and_loads_models_at_low_priority(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path, executors: int) -> None:
+    """By default one executor per core, each running its frames on its own core (no thread pool), and the
+    loader thread niced so that a model being loaded yields the cores to those serving. An operator who
+    asks for one executor gets every core as intra-op threads instead (and no niced loader: the pool's
+    threads would inherit its priority)."""
+    cores = len(os.sched_getaffinity(0))
+    d = make_daemon(start=False, extra=f"[runtime]\nexecutors = {executors}\n" if executors else "")
+    d.cli("models", "add", str(models["demo-detector"]))
+    d.cli("apps", "add", str(write_app(tmp_path / "a.json", "ppe", "demo-detector", ["cameras/+/frame"],
+                                       [PERSON_RULE])))
+    d.start()
+    wait_until(lambda: serving(d, "ppe"), 30, what="the app serving")
+    [worker] = d.status()["workers"]
+    pid = worker["pid"]
+    niced = sorted(_nice(pid, tid) - _nice(pid, str(pid)) for tid in os.listdir(f"/proc/{pid}/task"))
+    if executors == 0:
+        assert (worker["executors"], worker["threads"]) == (cores, 1)
+        assert niced.count(10) == 1 and set(niced) == {0, 10}, f"only the loader is niced: {niced}"
+    else:
+        assert (worker["executors"], worker["threads"]) == (1, cores)
+        assert set(niced) == {0}, f"nothing niced: {niced}"
+    pub = Publisher(d.mqtt_port)
+    try:
+        pub.publish("cameras/cam1/frame", render_frame(0, 0))
+        wait_until(lambda: (s := d.source("cam1")) and s["processed"] == 1, 20, what="a frame processed")
+    finally:
+        pub.close()
+
+
 def test_deployment_that_does_not_fit_is_refused_before_anything_changes(
         make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
     d = make_daemon(start=False, extra="""

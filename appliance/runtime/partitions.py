@@ -91,6 +91,13 @@ class PartitionPlan:
     executors: int = 1  # jobs the worker runs at once (threads, each with its own intra-op threads)
     gpu_index: int | None = None  # NVML index of the GPU this partition is on (also for MIG), for utilisation
 
+    def threads_for(self, executors: int) -> int:
+        """Intra-op threads per session when the worker runs ``executors`` executors: on a CPU partition its
+        cores shared out among them (one executor gets them all); on a GPU the plan's own."""
+        if self.kind == "cpu" and self.cores:
+            return max(1, len(self.cores) // max(1, executors))
+        return self.intra_op_threads
+
     @property
     def expected_provider(self) -> str:
         """What every session must report first; anything else means ONNX Runtime fell back (an error state)."""
@@ -136,11 +143,11 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
 
 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:
-    # one executor per core, sharing a session with a thread per core that does not spin while idle: a frame's
-    # decode overlaps another's inference under load, and a lone frame still gets every core (measured in
-    # docs/BENCHMARKS.md against one executor, and against one thread per executor)
+    # one executor per core, sharing a session, each running it on its own thread (one intra-op thread): as
+    # fast as one process per core, and faster under load than executors sharing a thread per core (measured
+    # in docs/BENCHMARKS.md); a lone frame runs on one core (set runtime.executors = 1 for all cores on one)
     return PartitionPlan(name=name, device="cpu", kind="cpu", cores=tuple(sorted(cores)), memory_mb=memory_mb,
-                         intra_op_threads=len(cores), executors=len(cores))
+                         intra_op_threads=1, executors=len(cores))  # = threads_for(len(cores))
 
 
 def _auto(inv: Inventory) -> list[PartitionPlan]:

@@ -6,10 +6,13 @@ happen here too, so the main process never holds decoded pixels.
 
 Threads: the main thread only reads the pipe and hands messages on, so the daemon's writes never
 wait on a busy worker. ``executors`` threads each take a job (or a batch), decode, preprocess and run
-it; on a CPU partition there is one per core, sharing each session (whose intra-op threads, one per
-core, do not spin while idle), so one frame's decode overlaps another's inference (ONNX Runtime,
-Pillow and NumPy release the GIL for the heavy parts) and a lone frame still gets every core. One loader thread loads and unloads models in order, so a model being loaded or
-warmed up never stops the models that are serving.
+it; on a CPU partition there is one per core, sharing each session, and each runs the model on its own
+thread (one intra-op thread: no thread pool), so the cores work on different frames side by side
+(ONNX Runtime, Pillow and NumPy release the GIL for the heavy parts). Measured in docs/BENCHMARKS.md:
+this is as fast as one process per core, and faster under load than executors sharing a pool of a
+thread per core, at the price of a lone frame running on one core. One loader thread loads and unloads
+models in order, at a lower CPU priority where it can, so a model being loaded or warmed up never stops
+or slows the models that are serving.
 """
 
 from __future__ import annotations
@@ -52,10 +55,34 @@ class _Model:
 
 
 def _threads(config: WorkerConfig) -> int:
-    """ONNX Runtime intra-op threads per session (all executors share the session): one per core unless set."""
+    """ONNX Runtime intra-op threads per session (all executors share the session): unless set, the cores
+    shared out among the executors."""
     if config.intra_op_threads:
         return config.intra_op_threads
-    return len(config.cores) if config.cores else len(os.sched_getaffinity(0))
+    cores = len(config.cores) if config.cores else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, config.executors))
+
+
+LOADER_NICE = 10  # added to the loader thread's nice value: loading yields the cores to serving models
+
+
+def _lower_loader_priority(config: WorkerConfig) -> None:
+    """Let the serving executors have the cores while a model loads and warms up.
+
+    Linux keeps a nice value per thread, and the threads a thread creates inherit it: only on the CPU, where
+    sessions have no intra-op thread pool (one thread each, the executor's own), can the loader be niced
+    without threads it starts serving at that priority for ever. NumPy's and ONNX Runtime's helper threads
+    start when they are first imported, so they are imported first, at the serving priority."""
+    if _threads(config) != 1 or any(name != "CPUExecutionProvider" for name, _ in config.providers):
+        return
+    import numpy  # noqa: F401 - see above
+    import onnxruntime  # noqa: F401
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + LOADER_NICE)
+    except OSError:
+        pass  # not allowed here: loads then compete with serving at the same priority, as before
 
 
 def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
@@ -75,7 +102,7 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if config.executors > 1:
+    if config.executors > 1 and options.intra_op_num_threads > 1:
         # several executors share the session's threads: an idle thread must yield its core, not spin on it
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # load from the bytes that were hashed, so the file cannot change between check and use
@@ -231,11 +258,15 @@ def _execute(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], models: dict[str,
 
 def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, _Model], config: WorkerConfig,
                    current: Current, replies: _Replies) -> None:
+    niced = False
     while True:
         msg = control.get()
         if isinstance(msg, Unload):
             models.pop(msg.key, None)  # the session (and its memory arena) is freed once no executor runs it
             continue
+        if not niced:  # at the first load, not at start: an idle worker does not import ONNX Runtime
+            _lower_loader_priority(config)
+            niced = True
         current[-1] = 1
         before = _rss_mb()
         try:
