@@ -365,6 +365,9 @@ class Pipeline:
             if self._publish_result is not None:
                 self._publish_result({"source": frame.source, "app": app.name, "model": app.model_key,
                                       "ts": frame.captured, "arrived": frame.arrived, "done": now,
+                                      # decode + preprocess + inference + outputs of this frame for this model
+                                      "work_s": round(done.decode_s + done.prepare_s.get(app.model_key, 0.0)
+                                                      + done.infer_s.get(app.model_key, 0.0), 6),
                                       "detections": [d.to_json() for d in detections]})
             if self._on_result is not None:
                 self._on_result(app.manifest, frame, detections)

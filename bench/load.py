@@ -52,6 +52,7 @@ class Matched:
     arrived: float  # it reached the system under test
     done: float  # its result was ready there
     received: float  # the result reached this client
+    work: float | None = None  # the system's own decode + preprocess + infer time for this frame, if it says
 
     @property
     def latency(self) -> float:
@@ -183,7 +184,9 @@ class LoadClient:
                     run.unmatched += 1
                     continue
                 sent = times[i]
-            run.matched.append(Matched(source, sent, float(doc["arrived"]), float(doc["done"]), received))
+            work = doc.get("work_s")
+            run.matched.append(Matched(source, sent, float(doc["arrived"]), float(doc["done"]), received,
+                                       float(work) if isinstance(work, (int, float)) else None))
 
     # --- the two loops ---
 

@@ -57,15 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in getattr(msg.properties, "UserProperty", []) or []:
                 if key == "ts":
                     ts = float(value)
+        started = time.perf_counter()
         try:
             tensor, transform = preprocess_image(decode_image(bytes(msg.payload)), spec)
             raw = session.run(names, {spec.name: tensor})
             detections = decode_outputs(card, dict(zip(names, raw)), transform)
+            work = time.perf_counter() - started
         except Exception as e:  # noqa: BLE001 - a bad frame must not kill the callback thread
             print(f"frame from {source} failed: {e}", file=sys.stderr, flush=True)
             return
         client.publish(RESULTS_TOPIC, json.dumps({
             "source": source, "app": "naive", "model": card.key, "ts": ts, "arrived": arrived, "done": time.time(),
+            "work_s": round(work, 6),
             "detections": [d.to_json() for d in detections]}))
 
     subscribed = threading.Event()

@@ -146,4 +146,6 @@ def test_every_result_is_published_when_asked(make_daemon: DaemonFactory, models
         results.close()
     assert result["source"] == "cam3" and result["model"] == "demo-detector@1.0.0"
     assert result["arrived"] <= result["done"]
+    # the frame's own decode + inference time, so integrations can tell the pipeline's share of the latency
+    assert 0 < result["work_s"] <= result["done"] - result["arrived"]
     assert {det["label"] for det in result["detections"]} >= {"person"}

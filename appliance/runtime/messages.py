@@ -101,7 +101,8 @@ class JobDone:
     # the frame itself was refused (reason, detail): nothing was run
     rejected: tuple[str, str] | None = None
     decode_s: float = 0.0
-    infer_s: dict[str, float] = field(default_factory=dict)  # per model: preprocess + run + decode outputs
+    prepare_s: dict[str, float] = field(default_factory=dict)  # per model: this frame's preprocessing
+    infer_s: dict[str, float] = field(default_factory=dict)  # per model: run + decode outputs (a batch's wall time)
     batch: dict[str, int] = field(default_factory=dict)  # per model: how many frames ran together
 
 

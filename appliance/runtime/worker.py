@@ -183,10 +183,13 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
             continue
         prepared = []
         for job in group:
+            t0 = time.perf_counter()
             try:
                 prepared.append((job, *_prepare(model, job, pixels.get(job.job_id))))
             except FrameRejected as e:
                 dones[job.job_id] = JobDone(job.job_id, rejected=(e.reason, e.detail))
+                continue
+            dones[job.job_id].prepare_s[key] = time.perf_counter() - t0
         size = config.max_batch if model.batchable else 1
         for chunk in (prepared[i:i + size] for i in range(0, len(prepared), size)):
             mark(chunk[0][0].job_id, chunk[0][0].models.index(key))
