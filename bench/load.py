@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from appliance.ingest.client import tcp_no_delay
 from bench.procs import BenchError, wait_until
 
 __all__ = ["LoadClient", "LoadRun", "Matched"]
@@ -116,6 +117,8 @@ class LoadClient:
         proto = MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311
         self._pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto)
         self._sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto)
+        for client in (self._pub, self._sub):  # as the appliance does: no Nagle delay in the measurement
+            client.on_socket_open = tcp_no_delay
         self._subscribed = threading.Event()
         self._sub.on_connect = lambda c, u, f, rc, p: c.subscribe(results_topic, qos=0)
         self._sub.on_subscribe = lambda c, u, mid, rc, p: self._subscribed.set()

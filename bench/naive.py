@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    from appliance.ingest.client import tcp_no_delay
     from appliance.runtime.processing import decode_image, decode_outputs, preprocess_image
     from bench.limit import session_options
     from formats.model_card import ImageInput, ModelCard
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     proto = MQTTProtocolVersion.MQTTv5 if args.mqtt5 else MQTTProtocolVersion.MQTTv311
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"naive-{args.port}", protocol=proto)
+    client.on_socket_open = tcp_no_delay  # as the appliance does, so that the two differ only in the pipeline
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message

@@ -272,7 +272,7 @@ class Mosquitto:
         # as root, mosquitto switches to its own user, which may not read files in private folders
         user = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             "max_queued_messages 1000\n")
+                             "max_queued_messages 1000\nset_tcp_nodelay true\n")
         with open(self.conf.with_suffix(".log"), "ab") as log:
             self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -63,7 +63,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # Run as root, mosquitto switches to its own user, which cannot read files under pytest's private tmp_path.
-MOSQUITTO_BASE = "user root\n" if os.geteuid() == 0 else ""
+# set_tcp_nodelay as production sites should (docs/configuration.md): no Nagle delay on what the broker sends
+MOSQUITTO_BASE = ("user root\n" if os.geteuid() == 0 else "") + "set_tcp_nodelay true\n"
 
 
 @dataclass

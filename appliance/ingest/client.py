@@ -7,7 +7,9 @@ a coalesced wake-up, so a flood of messages can never grow the loop's queue with
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -83,6 +85,7 @@ class MqttClient:
             )
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_socket_open = tcp_no_delay
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -195,6 +198,13 @@ class MqttClient:
                 cb(msg)
             except Exception:  # one bad handler must not kill the network thread
                 log.exception("handler for %s failed", msg.topic)
+
+
+def tcp_no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Send each MQTT packet at once (no Nagle): a small result or event must not wait up to a delayed ACK
+    (tens of milliseconds) behind the previous packet; the broker is on the same box or LAN."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def publish_properties(user: dict[str, str]) -> Properties:
