@@ -75,12 +75,14 @@ def _lower_loader_priority(config: WorkerConfig) -> None:
     start when they are first imported, so they are imported first, at the serving priority."""
     if _threads(config) != 1 or any(name != "CPUExecutionProvider" for name, _ in config.providers):
         return
-    import numpy  # noqa: F401 - see above
-    import onnxruntime  # noqa: F401
-
     try:
+        import numpy  # noqa: F401 - see above
+        import onnxruntime  # noqa: F401
+
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + LOADER_NICE)
+    except ImportError:
+        pass  # each load then fails with its own LoadFailed, which says what is missing
     except OSError:
         pass  # not allowed here: loads then compete with serving at the same priority, as before
 
