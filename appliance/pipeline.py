@@ -1,7 +1,8 @@
 """From ingest to events: per-partition lanes with fair dispatch, rules on the results, events out.
 
 Each partition is a *lane*: its worker, latest-wins slots per source and a dispatcher that takes one
-item at a time in round-robin order over sources whenever the worker has room. So a busy camera cannot
+item at a time in round-robin order over sources whenever the worker has room (on the event loop, when
+a message arrives or the worker's capacity or state changes; no task per frame). So a busy camera cannot
 starve the others, nothing queues without bound, and under overload older frames are dropped and
 counted. A message whose apps run in several partitions goes into each of their lanes; a *ticket*
 settles it exactly once (processed if any lane served it), so ``received = processed + skipped +
@@ -28,13 +29,12 @@ from appliance.ingest.ingest import Frame
 from appliance.ingest.slots import LatestSlots
 from appliance.logs import ThrottledLog
 from appliance.metrics import Metrics
-from appliance.rules import RuleEngine
+from appliance.rules import Firing, RuleEngine
 from appliance.runtime.messages import JobDone, ModelSpec
 from appliance.runtime.results import Detection
 from appliance.runtime.supervisor import WorkerLost, WorkerSupervisor
 from appliance.stats import Stats
 from appliance.store import AppRecord, ModelRecord
-from appliance.tasks import cancel_and_wait
 from formats import AppManifest
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,37 @@ class Ticket:
 
 @dataclass
 class Lane:
-    """One partition: its worker, its slots and its dispatcher."""
+    """One partition: its worker and its slots."""
 
     name: str
     worker: WorkerSupervisor
     slots: LatestSlots[Ticket] = field(default_factory=LatestSlots)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
     wake_lock: threading.Lock = field(default_factory=threading.Lock)
     wake_scheduled: bool = False
     dispatched: int = 0
+
+
+ROUTE_CACHE_MAX = 4096  # topics remembered per routing table; a flood of new topics only costs a recompute
+
+
+class Routes:
+    """Which apps listen to a topic: the filters of the enabled apps, with the answer cached per topic.
+
+    Replaced whole on every reload, so a reader on another thread sees one table and its own cache.
+    """
+
+    def __init__(self, routes: tuple[tuple[str, str], ...] = ()) -> None:
+        self._routes = routes  # (topic filter, app name)
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def apps(self, topic: str) -> tuple[str, ...]:
+        apps = self._cache.get(topic)
+        if apps is None:
+            apps = tuple(sorted({name for f, name in self._routes if topic_matches(f, topic)}))
+            if len(self._cache) >= ROUTE_CACHE_MAX:
+                self._cache.clear()
+            self._cache[topic] = apps
+        return apps
 
 
 class Pipeline:
@@ -105,22 +126,22 @@ class Pipeline:
         self._apps: dict[str, ActiveApp] = {}
         self._incoming: dict[str, ActiveApp] = {}  # apps waiting for their new model version to load
         self.swap_notes: dict[str, str] = {}  # app -> what happened to its last swap
-        self._routes: tuple[tuple[str, str], ...] = ()  # (topic filter, app name); swapped whole, read anywhere
+        self._routes = Routes()  # swapped whole, read from any thread
         self._placement: dict[str, str] = {}  # app -> partition; swapped whole
         self.unplaced: dict[str, str] = {}  # app -> why it is not placed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticket_lock = threading.Lock()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._emitting: set[asyncio.Task[None]] = set()  # events being stored and published
         self.last_results: dict[str, LastResult] = {}
         self._log = ThrottledLog(log)
 
     # routing, safe from any thread
 
     def accepts(self, topic: str) -> bool:
-        return any(topic_matches(f, topic) for f, _ in self._routes)
+        return bool(self._routes.apps(topic))
 
-    def _apps_for(self, topic: str) -> list[str]:
-        return sorted({name for f, name in self._routes if topic_matches(f, topic)})
+    def _apps_for(self, topic: str) -> tuple[str, ...]:
+        return self._routes.apps(topic)
 
     def offer(self, frame: Frame) -> None:
         """Hand a received message to the lanes of the partitions its apps run in (any thread)."""
@@ -171,7 +192,7 @@ class Pipeline:
         self._apps, self._incoming = serving, incoming
         self._placement = {a: p for a, p in placement.items() if a in serving and serving[a].enabled}
         self.unplaced = dict(unplaced)
-        self._routes = tuple((f, a.name) for a in serving.values() if a.enabled for f in a.manifest.sources)
+        self._routes = Routes(tuple((f, a.name) for a in serving.values() if a.enabled for f in a.manifest.sources))
         self._apply_models()
         log.info("serving %d app(s): %s", len(self._placement),
                  ", ".join(f"{a.manifest.key} on {self._placement.get(a.name, '-')}"
@@ -198,7 +219,7 @@ class Pipeline:
             self._advance_swaps()
         lane = self.lanes.get(partition)
         if lane is not None:
-            lane.event.set()
+            self._pump(lane)
 
     def _advance_swaps(self) -> None:
         changed = False
@@ -253,13 +274,12 @@ class Pipeline:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for lane in self.lanes.values():
-            lane.task = asyncio.create_task(self._run(lane), name=f"dispatch-{lane.name}")
+            self._pump(lane)
 
     async def stop(self) -> None:
-        for lane in self.lanes.values():
-            await cancel_and_wait(lane.task)
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=5)
+        self._loop = None  # no more dispatching; jobs in the workers fail when the workers stop
+        if self._emitting:
+            await asyncio.wait(self._emitting, timeout=5)
 
     def _wake_threadsafe(self, lane: Lane) -> None:
         """Ask a lane's dispatcher to look at its slots; coalesced, so a flood makes one wake-up."""
@@ -272,21 +292,20 @@ class Pipeline:
             lane.wake_scheduled = True
         loop.call_soon_threadsafe(self._woken, lane)
 
-    @staticmethod
-    def _woken(lane: Lane) -> None:
+    def _woken(self, lane: Lane) -> None:
         with lane.wake_lock:
             lane.wake_scheduled = False
-        lane.event.set()
+        self._pump(lane)
 
-    async def _run(self, lane: Lane) -> None:
-        while True:
-            await lane.event.wait()
-            lane.event.clear()
-            while lane.worker.capacity() > 0:
-                item = lane.slots.take()
-                if item is None:
-                    break
-                self._dispatch(lane, item[1])
+    def _pump(self, lane: Lane) -> None:
+        """Hand the worker as many items as it has room for, round-robin over sources (event loop)."""
+        if self._loop is None:
+            return
+        while lane.worker.capacity() > 0:
+            item = lane.slots.take()
+            if item is None:
+                break
+            self._dispatch(lane, item[1])
 
     # one item
 
@@ -328,14 +347,12 @@ class Pipeline:
         else:
             fut = lane.worker.submit_vector(models, frame.values or {})
         lane.dispatched += 1
-        task = asyncio.create_task(self._complete(ticket, apps, fut))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        fut.add_done_callback(lambda f: self._complete(ticket, apps, f))
 
-    async def _complete(self, ticket: Ticket, apps: list[ActiveApp], fut: asyncio.Future[JobDone]) -> None:
+    def _complete(self, ticket: Ticket, apps: list[ActiveApp], fut: asyncio.Future[JobDone]) -> None:
         frame = ticket.frame
         try:
-            done = await fut
+            done = fut.result()
         except WorkerLost as e:
             self._settle(ticket, "rejected", ("worker_lost", str(e)))
             return
@@ -371,11 +388,18 @@ class Pipeline:
                                       "detections": [d.to_json() for d in detections]})
             if self._on_result is not None:
                 self._on_result(app.manifest, frame, detections)
-            for firing in app.engine.evaluate(frame.source, detections, frame.captured):
-                try:
-                    await self._events.emit(firing, frame, detections)
-                except Exception:  # an event that cannot be stored must not stop the pipeline
-                    log.exception("could not record the event of app %s on %s", app.name, frame.source)
-                    continue
-                self._stats.event(app.name)
+            firings = app.engine.evaluate(frame.source, detections, frame.captured)
+            if firings:
+                task = asyncio.create_task(self._emit(app.name, firings, frame, detections))
+                self._emitting.add(task)
+                task.add_done_callback(self._emitting.discard)
+
+    async def _emit(self, app: str, firings: list[Firing], frame: Frame, detections: list[Detection]) -> None:
+        for firing in firings:
+            try:
+                await self._events.emit(firing, frame, detections)
+            except Exception:  # an event that cannot be stored must not stop the pipeline
+                log.exception("could not record the event of app %s on %s", app, frame.source)
+                continue
+            self._stats.event(app)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(frozen=True)  # no slots: it crosses the worker's pipe, see appliance.runtime.messages
 class Detection:
     """One finding: a detected object, a top-k class, or an anomaly score (label ``"anomaly"``).
 

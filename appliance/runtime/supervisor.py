@@ -33,6 +33,7 @@ from appliance.runtime.messages import (
     Unload,
     VectorJob,
     WorkerConfig,
+    encode,
 )
 from appliance.runtime.worker import current_slots, worker_main
 from appliance.settings import RuntimeSettings
@@ -129,6 +130,8 @@ class WorkerSupervisor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(STOP_TIMEOUT_S)
+        if self._conn is not None:
+            self._release(self._conn)
         self._fail_pending("the daemon is stopping")
         self.state = "stopped"
 
@@ -151,21 +154,31 @@ class WorkerSupervisor:
         self._started_at = time.monotonic()
         self._kill_reason = None
         self._kill_culprits = []
-        threading.Thread(target=self._read, args=(parent, proc, gen), name=f"worker-reader-{gen}", daemon=True).start()
+        assert self._loop is not None
+        self._loop.add_reader(parent.fileno(), self._readable, parent, proc, gen)
         for spec in self._desired.values():
             self._request_load(spec)
 
-    def _read(self, conn: Connection, proc: Any, gen: int) -> None:
-        assert self._loop is not None
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break
-            self._loop.call_soon_threadsafe(self._on_reply, gen, msg)
-        proc.join(STOP_TIMEOUT_S)
-        conn.close()
-        self._loop.call_soon_threadsafe(self._on_exit, gen, proc.exitcode)
+    def _readable(self, conn: Connection, proc: Any, gen: int) -> None:
+        """The worker's pipe has data (on the event loop: no reader thread, no cross-thread wake-up per reply).
+
+        The worker writes each message whole, so ``recv`` never waits long for the rest of one.
+        """
+        try:
+            msg = conn.recv()  # one per call: the loop calls again while more is waiting
+        except (EOFError, OSError):
+            self._release(conn)
+            assert self._loop is not None
+            reaping = self._loop.run_in_executor(None, proc.join, STOP_TIMEOUT_S)
+            reaping.add_done_callback(lambda _: self._on_exit(gen, proc.exitcode))
+            return
+        self._on_reply(gen, msg)
+
+    def _release(self, conn: Connection) -> None:
+        if not conn.closed:
+            if self._loop is not None:
+                self._loop.remove_reader(conn.fileno())
+            conn.close()
 
     def _send(self, msg: object) -> bool:
         conn = self._conn
@@ -173,9 +186,9 @@ class WorkerSupervisor:
             return False
         try:
             with self._send_lock:
-                conn.send(msg)
+                conn.send_bytes(encode(msg))
         except (OSError, ValueError):
-            return False  # the reader thread reports the exit
+            return False  # the pipe's reader reports the exit
         return True
 
     # models

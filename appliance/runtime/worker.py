@@ -38,6 +38,7 @@ from appliance.runtime.messages import (
     Unload,
     VectorJob,
     WorkerConfig,
+    encode,
 )
 
 
@@ -247,9 +248,10 @@ class _Replies:
         self._conn, self._lock = conn, threading.Lock()
 
     def send(self, msg: object) -> None:
+        data = encode(msg)  # outside the lock
         try:
             with self._lock:
-                self._conn.send(msg)
+                self._conn.send_bytes(data)
         except (OSError, ValueError):
             os._exit(0)  # the daemon is gone: nobody is left to answer
 
