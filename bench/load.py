@@ -17,6 +17,10 @@ Two ways to drive a system:
   streams' phases spread at random (seeded) over one period, as independent cameras are, or evenly.
   Used below capacity for latency and above it for overload.
 
+The client has no network threads: both connections' I/O runs on the calling thread (``_pump``), so
+it takes as little of the machine as it can (the cameras are other devices in a real site) and a
+result's arrival time is taken the moment its packet is read.
+
 All times below are epoch seconds (``time.time()``), which the daemon uses for ``arrived`` and ``done``.
 """
 
@@ -25,8 +29,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
-import queue
 import random
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.ingest.client import tcp_no_delay
-from bench.procs import BenchError, wait_until
+from bench.procs import BenchError
 
 __all__ = ["LoadClient", "LoadRun", "Matched"]
 
@@ -113,7 +117,8 @@ class LoadClient:
         self.results_topic = results_topic
         self.frames = frames
         self.mqtt5 = mqtt5
-        self._results: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        self._inbox: list[tuple[float, bytes]] = []  # (received, payload) of results not yet looked at
+        self._misc_due = 0.0
         proto = MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311
         self._pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto)
         self._sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto)
@@ -122,16 +127,17 @@ class LoadClient:
         self._subscribed = threading.Event()
         self._sub.on_connect = lambda c, u, f, rc, p: c.subscribe(results_topic, qos=0)
         self._sub.on_subscribe = lambda c, u, mid, rc, p: self._subscribed.set()
-        self._sub.on_message = lambda c, u, m: self._results.put((time.time(), bytes(m.payload)))
+        self._sub.on_message = lambda c, u, m: self._inbox.append((time.time(), bytes(m.payload)))
 
     def __enter__(self) -> Self:
         try:
             for c in (self._pub, self._sub):
                 c.connect("127.0.0.1", self.port)
-                c.loop_start()
-            wait_until(self._pub.is_connected, CONNECT_TIMEOUT_S, "the load client's connection")
-            if not self._subscribed.wait(CONNECT_TIMEOUT_S):
-                raise BenchError(f"could not subscribe to {self.results_topic}")
+            deadline = time.monotonic() + CONNECT_TIMEOUT_S
+            while not (self._pub.is_connected() and self._subscribed.is_set()):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"could not connect and subscribe to {self.results_topic} on port {self.port}")
+                self._pump(0.05)
         except BaseException:
             self.close()
             raise
@@ -142,8 +148,30 @@ class LoadClient:
 
     def close(self) -> None:
         for c in (self._pub, self._sub):
-            c.loop_stop()
             c.disconnect()
+            c.loop_write()
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for either connection, then read what came and write what is queued."""
+        socks = {sock: c for c in (self._pub, self._sub) if (sock := c.socket()) is not None}
+        if not socks:
+            raise BenchError("the load client lost its broker connection")
+        writing = [sock for sock, c in socks.items() if c.want_write()]
+        readable, writable, _ = select.select(list(socks), writing, [], max(0.0, timeout))
+        for sock in readable:
+            socks[sock].loop_read()
+        for sock in writable:
+            socks[sock].loop_write()
+        now = time.monotonic()
+        if now >= self._misc_due:  # keepalive pings
+            self._misc_due = now + 1.0
+            for c in socks.values():
+                c.loop_misc()
+
+    def _pump_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self._pump(left)
 
     def _publish(self, stream: int, n: int) -> float:
         frame = self.frames[(stream * 7 + n) % len(self.frames)]
@@ -156,22 +184,18 @@ class LoadClient:
         return sent
 
     def _drain(self) -> list[tuple[float, dict[str, Any]]]:
-        out: list[tuple[float, dict[str, Any]]] = []
-        while True:
-            try:
-                received, payload = self._results.get_nowait()
-            except queue.Empty:
-                return out
-            out.append((received, json.loads(payload)))
+        inbox, self._inbox = self._inbox, []
+        return [(received, json.loads(payload)) for received, payload in inbox]
 
     def flush(self, quiet_s: float = 0.2, timeout_s: float = 10.0) -> None:
         """Forget results of earlier runs: wait until none has come for ``quiet_s`` (at most ``timeout_s``)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                self._results.get(timeout=quiet_s)
-            except queue.Empty:
-                return
+        quiet_until = time.monotonic() + quiet_s
+        while (now := time.monotonic()) < min(deadline, quiet_until):
+            self._pump(min(deadline, quiet_until) - now)
+            if self._inbox:
+                self._inbox.clear()
+                quiet_until = time.monotonic() + quiet_s
 
     # --- matching ---
 
@@ -216,12 +240,8 @@ class LoadClient:
             now = time.time()
             if now >= end:
                 break
-            try:
-                received, payload = self._results.get(timeout=min(0.05, end - now))
-            except queue.Empty:
-                received, payload = 0.0, b""
-            if payload:
-                doc = json.loads(payload)
+            self._pump(min(0.05, end - now))
+            for received, doc in self._drain():
                 results.append((received, doc))
                 source = str(doc["source"])
                 if source in outstanding:
@@ -262,13 +282,13 @@ class LoadClient:
                 run.window = (run.window[0], max(run.window[0], now))
                 break
             if when > now:
-                time.sleep(min(when - now, 0.05))
-                results += self._drain()  # keep the queue short; cheap
+                self._pump(min(when - now, 0.05))
+                results += self._drain()
                 continue
             heapq.heapreplace(due, (when + period, i))
             run.sent[f"s{i}"].append(self._publish(i, counts[i]))
             counts[i] += 1
-        time.sleep(self.drain_s)
+        self._pump_for(self.drain_s)
         results += self._drain()
         self._match(run, results)
         return run
