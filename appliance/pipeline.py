@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["processed", "skipped", "rejected"]
 
+STOP_DRAIN_S = 5.0  # at stop, how long the frames already in the workers get to finish
+
 
 @dataclass(slots=True)
 class ActiveApp:
@@ -131,6 +133,7 @@ class Pipeline:
         self.unplaced: dict[str, str] = {}  # app -> why it is not placed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticket_lock = threading.Lock()
+        self._inflight: set[asyncio.Future[JobDone]] = set()  # jobs in the workers
         self._emitting: set[asyncio.Task[None]] = set()  # events being stored and published
         self.last_results: dict[str, LastResult] = {}
         self._log = ThrottledLog(log)
@@ -277,9 +280,11 @@ class Pipeline:
             self._pump(lane)
 
     async def stop(self) -> None:
-        self._loop = None  # no more dispatching; jobs in the workers fail when the workers stop
-        if self._emitting:
-            await asyncio.wait(self._emitting, timeout=5)
+        """Stop dispatching; let the jobs already in the workers finish and their events be stored (for a while)."""
+        self._loop = None
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while (waiting := self._inflight | self._emitting) and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(waiting, timeout=left)
 
     def _wake_threadsafe(self, lane: Lane) -> None:
         """Ask a lane's dispatcher to look at its slots; coalesced, so a flood makes one wake-up."""
@@ -347,6 +352,8 @@ class Pipeline:
         else:
             fut = lane.worker.submit_vector(models, frame.values or {})
         lane.dispatched += 1
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
         fut.add_done_callback(lambda f: self._complete(ticket, apps, f))
 
     def _complete(self, ticket: Ticket, apps: list[ActiveApp], fut: asyncio.Future[JobDone]) -> None:
