@@ -84,3 +84,36 @@ def test_topic_for_an_unknown_source_is_counted_and_named(
         pub.close()
     assert "backyard" in d.log() and "unknown_source" in d.log()
     assert "backyard" in d.cli("status").stdout
+
+
+def test_a_disabled_app_stops_taking_its_cameras_and_takes_them_again_when_enabled(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+    d = make_daemon(start=False)
+    d.cli("models", "add", str(models["demo-detector"]))
+    d.cli("apps", "add", str(write_app(tmp_path / "a.json", "door", "demo-detector", ["cameras/door/frame"],
+                                       [{"name": "r", "labels": ["person"]}])))
+    d.start()
+    wait_until(lambda: serving(d, "door"), 30, what="app serving")
+
+    def processed() -> int:
+        s = d.source("door")
+        return int(s["processed"]) if s else 0
+
+    def state() -> str:
+        return str(next(a["state"] for a in d.status()["apps"] if a["name"] == "door"))
+
+    pub = Publisher(d.mqtt_port)
+    try:
+        pub.publish("cameras/door/frame", render_frame(0, 0))
+        wait_until(lambda: processed() == 1, 20, what="door served")
+        d.cli("apps", "disable", "door")
+        wait_until(lambda: state() == "disabled", 20, what="app disabled")
+        pub.publish("cameras/door/frame", render_frame(0, 0))
+        wait_until(lambda: rejected(d, "(unknown)", "unknown_source") == 1, 10,
+                   what="the camera of a disabled app refused as having no app")
+        d.cli("apps", "enable", "door")
+        wait_until(lambda: serving(d, "door"), 30, what="app serving again")
+        pub.publish("cameras/door/frame", render_frame(0, 0))
+        wait_until(lambda: processed() == 2, 20, what="door served again")
+    finally:
+        pub.close()
