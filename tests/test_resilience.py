@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +219,46 @@ def test_model_that_hangs_while_loading_is_quarantined_and_the_rest_serve(
     assert "loading demo-load-hang@1.0.0 took" in slow["reason"]
     wait_until(lambda: serving(d, "ppe-watch", "gas-watch"), 30, what="the other apps serve")
     assert d.status()["workers"][0]["restarts"] == 2
+
+
+def _slow_model(folder: Path, seconds: float) -> Path:
+    """A colour classifier that takes about ``seconds`` per real frame on this machine (and finishes)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from appliance.demo.modelgen import build_hang_model
+
+    def run_time(trips: int) -> float:
+        model = build_hang_model(folder / f"probe-{trips}", "demo-slow", trip_count=trips)
+        session = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+        frame = np.ones((1, 3, 64, 64), np.float32)
+        session.run(None, {"input": frame})
+        t0 = time.perf_counter()
+        session.run(None, {"input": frame})
+        return time.perf_counter() - t0
+
+    probe = 20_000
+    trips = max(probe, int(probe * seconds / max(run_time(probe), 1e-6)))
+    return build_hang_model(folder / "demo-slow", "demo-slow", trip_count=trips)
+
+
+def test_a_frame_in_the_worker_at_shutdown_still_becomes_an_event(make_daemon: DaemonFactory,
+                                                                   tmp_path: Path) -> None:
+    d = make_daemon(start=False)
+    # 3 s: the stop reaches the pipeline while the frame still runs, and the frame ends well within the drain (5 s)
+    d.cli("models", "add", str(_slow_model(tmp_path, seconds=3.0)))
+    d.cli("apps", "add", str(write_app(tmp_path / "slow.json", "slow-watch", "demo-slow", ["cameras/+/frame"],
+                                       [{"name": "any-colour", "labels": ["red", "green", "blue"], "min_score": 0.0,
+                                         "cooldown_s": 0}])))
+    d.start()
+    wait_until(lambda: serving(d, "slow-watch"), 30, what="app serving")
+    pub = Publisher(d.mqtt_port)
+    try:
+        pub.publish("cameras/cam1/frame", render_frame(0, 0))
+        wait_until(lambda: d.status()["workers"][0]["inflight"] == 1, 20, what="the frame in the worker")
+    finally:
+        pub.close()
+    assert d.stop() == 0
+    events = json.loads(d.cli("events", "--json").stdout)
+    assert [(e["app"], e["source"]) for e in events] == [("slow-watch", "cam1")], \
+        "the frame handed to the worker before the stop was finished and its event stored"

@@ -338,12 +338,13 @@ def build_anomaly(out_dir: Path) -> Path:
     return _save(out_dir, graph, card)
 
 
-def build_hang_model(out_dir: Path, name: str = "demo-hang", on_blank: bool = False) -> Path:
+def build_hang_model(out_dir: Path, name: str = "demo-hang", on_blank: bool = False,
+                     trip_count: int = HANG_TRIP_COUNT) -> Path:
     """``demo-hang``: a colour classifier whose logits go through a Loop of 2**62 steps on any real frame.
 
     For testing the worker watchdog. The loop runs only when some pixel is above zero, so the model loads and
     warms up (on zeros) like a healthy one and hangs on the first real frame; it depends on the input, so no
-    optimiser can fold it at load.
+    optimiser can fold it at load. A smaller ``trip_count`` makes a model that is slow but finishes.
     """
     nodes, inits = _colour_logits()
     body = helper.make_graph(
@@ -363,7 +364,7 @@ def build_hang_model(out_dir: Path, name: str = "demo-hang", on_blank: bool = Fa
         ],
         [_const("step", 0.0)],
     )
-    inits += [_const("trip_count", HANG_TRIP_COUNT, np.int64), _const("zero", 0.0)]
+    inits += [_const("trip_count", trip_count, np.int64), _const("zero", 0.0)]
     nodes += [
         helper.make_node("ReduceMax", ["input"], ["brightest"], keepdims=0),
         # on_blank: hang on an all-zero image (the warm-up at load) instead of on real frames
