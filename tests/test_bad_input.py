@@ -66,14 +66,20 @@ def test_each_bad_message_is_rejected_counted_and_the_good_camera_keeps_going(
     assert status["health"]["ok"] and status["workers"][0]["restarts"] == 0
 
 
-def test_topic_for_an_unknown_source_is_counted_and_named(
-        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+def door_daemon(make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> Any:
+    """A running daemon with one app, ``door``, that listens to ``cameras/door/frame`` only."""
     d = make_daemon(start=False)
     d.cli("models", "add", str(models["demo-detector"]))
     d.cli("apps", "add", str(write_app(tmp_path / "a.json", "door", "demo-detector", ["cameras/door/frame"],
                                        [{"name": "r", "labels": ["person"]}])))
     d.start()
     wait_until(lambda: serving(d, "door"), 30, what="app serving")
+    return d
+
+
+def test_topic_for_an_unknown_source_is_counted_and_named(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+    d = door_daemon(make_daemon, models, tmp_path)
     pub = Publisher(d.mqtt_port)
     try:
         pub.publish("cameras/backyard/frame", render_frame(0, 0))
@@ -88,12 +94,7 @@ def test_topic_for_an_unknown_source_is_counted_and_named(
 
 def test_a_disabled_app_stops_taking_its_cameras_and_takes_them_again_when_enabled(
         make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
-    d = make_daemon(start=False)
-    d.cli("models", "add", str(models["demo-detector"]))
-    d.cli("apps", "add", str(write_app(tmp_path / "a.json", "door", "demo-detector", ["cameras/door/frame"],
-                                       [{"name": "r", "labels": ["person"]}])))
-    d.start()
-    wait_until(lambda: serving(d, "door"), 30, what="app serving")
+    d = door_daemon(make_daemon, models, tmp_path)
 
     def processed() -> int:
         s = d.source("door")
