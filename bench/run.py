@@ -9,7 +9,8 @@ the exit status is 1.
 Order: the limit's processes, the appliance on Mosquitto, the appliance with its embedded broker and
 the naive baseline are started and kept running; the limit's reference table; the throughput sweep
 (all systems interleaved, see ``bench.compare``); latency at 70 % load; profile; overload; hot swap;
-everything but Mosquitto is stopped; memory per model; the idle footprints; the limit's table again.
+everything but Mosquitto is stopped; memory per model; the comparison at 8 streams again with the whole
+stack confined to fewer cores (1, 2, 4, ... below the machine's); the idle footprints; the limit's table again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,8 @@ class Runner:
                     for key in ("limit", "appliance", "naive", "latency", "overload", "hot_swap"):
                         r[key] = systems
             r["memory_per_model"] = self.part("memory_per_model", lambda: S.memory_per_model(ctx, broker.port))
+        if isinstance(r.get(C.APPLIANCE), list) and len(os.sched_getaffinity(0)) > 1:
+            r["fewer_cores"] = self.part("fewer cores", self._fewer_cores)
         r["idle"] = {"embedded": self.part("idle (embedded broker)", lambda: S.idle(ctx, with_mosquitto=False)),
                      "mosquitto": self.part("idle (mosquitto)", lambda: S.idle(ctx, with_mosquitto=True))}
         if "error" not in r.get("limit", {}) and not plan.quick:
@@ -98,7 +102,7 @@ class Runner:
         r["waited_s"] = round(self.quiet.waited_s, 1)
         return r
 
-    def _start(self, stack: ExitStack, broker: Mosquitto) -> C.Systems:
+    def _start(self, stack: ExitStack, broker: Mosquitto, embedded: bool = True) -> C.Systems:
         ctx = self.ctx
         n = ctx.threads
         pools = {}
@@ -115,7 +119,7 @@ class Runner:
             if executors > 1 else next(p.name for p in pools.values() if p.processes == 1)
         self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
         s = C.Systems(pools, same)
-        for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None)):
+        for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None))[: 2 if embedded else 1]:
             daemon = stack.enter_context(Appliance(ctx.workdir, broker_port=port))
             S.install_bench_app(ctx, daemon)
             daemon.start()
@@ -132,6 +136,35 @@ class Runner:
                                                 prefix=NAIVE_PREFIX, drain_s=self.drain_s))
         s.systems[C.NAIVE] = C.System(C.NAIVE, client, {"naive": naive.pid, "mosquitto": broker.pid})
         return s
+
+    def _fewer_cores(self) -> list[dict[str, Any]]:
+        """The limit, the appliance (on Mosquitto) and the naive baseline at ``cores_streams`` streams, closed
+        loop and interleaved as in the sweep, with everything confined to the first 1, 2, 4, ... cores (fewer
+        than the machine's): the affinity is set on this thread, and the broker, the daemon and its worker, the
+        naive baseline and the limit's processes, all started from it, inherit it; the load client runs on it.
+        The appliance plans its partition for the cores it sees, the naive baseline takes one intra-op thread
+        per core, and the limit tries its layouts on them."""
+        ctx = self.ctx
+        mine = sorted(os.sched_getaffinity(0))
+        plan = replace(ctx.plan, streams=(ctx.plan.cores_streams,), embedded_streams=())
+        rows: list[dict[str, Any]] = []
+        for k in (c for c in (1, 2, 4, 8, 16, 32, 64) if c < len(mine)):
+            sub = replace(ctx, plan=plan, workdir=ctx.workdir / f"cores-{k}", threads=k)
+            sub.workdir.mkdir(parents=True)
+            log.info("fewer cores: %d of %d", k, len(mine))
+            os.sched_setaffinity(0, mine[:k])
+            try:
+                with Mosquitto(sub.workdir) as broker, ExitStack() as stack:
+                    sweep = C.sweep(sub, Runner(sub, False)._start(stack, broker, embedded=False), self.quiet)
+            finally:
+                os.sched_setaffinity(0, mine)
+            limit, app, naive = sweep[C.LIMIT][0], sweep[C.APPLIANCE][0], sweep[C.NAIVE][0]
+            keep = ("fps", "x_limit", "rounds_fps", "cpu_percent", "foreign_percent")
+            rows.append({"cores": k, "streams": plan.cores_streams,
+                         "limit": {"fps": limit["fps"], "layouts": limit["layouts"]},
+                         C.APPLIANCE: {**{key: app[key] for key in keep}, "x_naive": app.get("x_naive")},
+                         C.NAIVE: {key: naive[key] for key in keep}})
+        return rows
 
     def _compare(self, s: C.Systems, broker: Mosquitto) -> None:
         ctx, plan, r = self.ctx, self.ctx.plan, self.results

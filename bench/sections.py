@@ -60,6 +60,7 @@ class Plan:
     overload_s: float
     overload_streams: int
     overload_factor: float
+    cores_streams: int  # streams for the comparison on fewer cores (the naive target's stream count)
     idle_s: float
     idle_settle_s: float
     swap_streams: int
@@ -75,12 +76,12 @@ class Plan:
 
 FULL = Plan(quick=False, limit_s=6.0, limit_slice_s=3.0, streams=(1, 2, 4, 8, 16, 32), embedded_streams=(1, 8, 32),
             rounds=2, sweep_s=5.0, warmup_s=1.0, latency_s=8.0, latency_load=0.7, overload_s=300.0,
-            overload_streams=8, overload_factor=2.0, idle_s=60.0, idle_settle_s=5.0, swap_streams=4,
+            overload_streams=8, overload_factor=2.0, cores_streams=8, idle_s=60.0, idle_settle_s=5.0, swap_streams=4,
             swap_before_s=5.0, swap_after_s=5.0, swap_timeout_s=120.0, model_copies=(1, 2, 4), profile_s=20.0,
             tries=3, quiet_percent=10.0, retry_budget_s=600.0)
 QUICK = Plan(quick=True, limit_s=0.3, limit_slice_s=0.3, streams=(1, 2), embedded_streams=(1,), rounds=1,
              sweep_s=0.6, warmup_s=0.2, latency_s=0.6, latency_load=0.7, overload_s=1.5, overload_streams=2,
-             overload_factor=2.0, idle_s=1.0, idle_settle_s=0.2, swap_streams=2, swap_before_s=0.3,
+             overload_factor=2.0, cores_streams=2, idle_s=1.0, idle_settle_s=0.2, swap_streams=2, swap_before_s=0.3,
              swap_after_s=0.3, swap_timeout_s=60.0, model_copies=(1, 2), profile_s=2.0, tries=1,
              quiet_percent=10.0, retry_budget_s=0.0)
 
