@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck messages clean
+.PHONY: demo test bench lint typecheck messages clean system-packages-demo system-packages-test system-packages-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,14 +12,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The Debian packages each target needs (tools/system-packages: apt-get as root, otherwise the one command to run)
+# (explicit rules: make does not search pattern rules for .PHONY targets)
+system-packages-demo system-packages-test system-packages-bench:
+	tools/system-packages $(@:system-packages-%=%)
+
+demo: system-packages-demo $(STAMP)
 	$(BIN)/appliance demo
 
-test: $(STAMP)
+test: system-packages-test $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Regenerates docs/BENCHMARKS.md, its plots and docs/bench/results.json (about 20 minutes; not part of make test)
-bench: $(STAMP)
+bench: system-packages-bench $(STAMP)
 	$(BIN)/python -m bench.run --out docs --profile
 
 lint: $(STAMP)

@@ -106,7 +106,7 @@ def mosquitto_with_password(folder: Path, user: str, password: str) -> Mosquitto
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed: run .ci/run or `apt-get install mosquitto mosquitto-clients`")
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or `tools/system-packages test`")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"{MOSQUITTO_BASE}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")

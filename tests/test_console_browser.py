@@ -24,9 +24,10 @@ from tests.conftest import ROOT, Daemon, DaemonFactory, Publisher, new_daemon, w
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip("Chromium is not installed: install it with `apt-get install chromium fonts-wqy-microhei` (as .ci/run "
-                "does); these tests drive the system's Chromium and never download a browser",
-                allow_module_level=True)
+    # never a skipped browser suite: `make test` installs Chromium (tools/system-packages); a bare pytest run
+    # without it fails here and says how to get it
+    raise RuntimeError("Chromium is not installed: run `make test` (it installs it) or `tools/system-packages test`; "
+                       "these tests drive the system's Chromium and never download a browser")
 
 pytestmark = pytest.mark.slow
 

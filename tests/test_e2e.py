@@ -88,7 +88,7 @@ def test_mosquitto_pub_of_a_jpeg_file(make_daemon: DaemonFactory, models: dict[s
     import subprocess
 
     if shutil.which("mosquitto_pub") is None:
-        pytest.fail("mosquitto_pub is not installed: run .ci/run or `apt-get install mosquitto-clients`")
+        pytest.fail("mosquitto_pub is not installed: run `make test` (it installs it) or `tools/system-packages test`")
     d = make_daemon(start=False)
     install_demo_apps(d, models, tmp_path)
     d.start()
