@@ -37,9 +37,10 @@ from appliance.errors import ConfigError, InstallError
 from appliance.runtime.partitions import PartitionPlan
 from appliance.settings import Settings
 from appliance.store import Store
-from appstore_client.client import AppStore, AppStoreError, Catalog
+from appstore_client.client import AppStore, Catalog
+from appstore_client.errors import CatalogError, FleetError
 from appstore_client.fetcher import ResumableFetcher, TlsOptions
-from appstore_client.fleet import FleetClient, FleetError
+from appstore_client.fleet import FleetClient
 from formats.app_manifest import AppManifest
 from formats.channel import ChannelDoc, in_rollout
 from formats.errors import FormatError
@@ -121,7 +122,7 @@ class Sync:
             self.state.state = "syncing"
             try:
                 ok = self._pass()
-            except AppStoreError as e:
+            except CatalogError as e:
                 self.state.state = "offline" if e.reason == "offline" else "refused"
                 self.state.last_error = str(e)
                 log.warning("AppStore sync: %s", e)
@@ -178,7 +179,7 @@ class Sync:
             packages.install_app(self._store, manifest_path, plans=self._plans, pins=self._settings.placement.pins,
                                  by=SYNC)
             log.info("AppStore: installed %s %s (was %s); waiting for it to serve", name, version, previous or "none")
-        except AppStoreError as e:
+        except CatalogError as e:
             if e.reason == "offline":
                 raise
             return self._refuse(name, version, str(e), retry=e.reason == "not_published")

@@ -4,7 +4,8 @@ Every call makes a fresh ``tuf.ngclient.Updater`` bootstrapped with the trusted 
 (settings until provisioning exists) and refreshes it: TUF walks the root chain, and checks timestamp,
 snapshot and targets for signatures by trusted keys, expiry, version rollback and consistency. Only then
 is anything read or downloaded; a target's bytes are checked against its signed length and hashes.
-TUF's errors are translated here into :class:`AppStoreError` with a reason a person can act on.
+TUF's errors are translated here, once, into :class:`~appstore_client.errors.CatalogError` with a reason a
+person can act on.
 
     store = AppStore("https://store.example/", root_bytes, cache_dir, fetcher)
     catalog = store.refresh()
@@ -24,21 +25,13 @@ from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from appstore_client.errors import CatalogError
 from formats.channel import ChannelDoc
 from formats.errors import FormatError
 
 log = logging.getLogger(__name__)
 
-Reason = Literal["offline", "expired", "rollback", "untrusted", "tampered", "not_published", "invalid"]
 MAX_CHANNEL_BYTES = 1024 * 1024
-
-
-class AppStoreError(Exception):
-    """The AppStore could not be used, or refused something; ``reason`` is a word for counting."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,25 +79,25 @@ def version_key(version: str) -> tuple[tuple[int, str], ...]:
     return tuple(parts)
 
 
-def _translate(e: Exception, what: str) -> AppStoreError:
+def _translate(e: Exception, what: str) -> CatalogError:
     if isinstance(e, exceptions.ExpiredMetadataError):
-        return AppStoreError("expired", f"{what}: the AppStore's signed metadata has expired ({e}); the AppStore "
-                                        "must refresh its timestamp (appstore timestamp refresh)")
+        return CatalogError("expired", f"{what}: the AppStore's signed metadata has expired ({e}); the AppStore "
+                                       "must refresh its timestamp (appstore timestamp refresh)")
     if isinstance(e, exceptions.BadVersionNumberError):
-        return AppStoreError("rollback", f"{what}: refused older metadata than already trusted ({e}): a replay or "
-                                         "a rolled-back AppStore; nothing changes until it serves newer metadata")
+        return CatalogError("rollback", f"{what}: refused older metadata than already trusted ({e}): a replay or "
+                                        "a rolled-back AppStore; nothing changes until it serves newer metadata")
     if isinstance(e, exceptions.UnsignedMetadataError):
-        return AppStoreError("untrusted", f"{what}: metadata not signed by the keys this appliance trusts ({e}); "
-                                          "check the AppStore address and the trusted root")
+        return CatalogError("untrusted", f"{what}: metadata not signed by the keys this appliance trusts ({e}); "
+                                         "check the AppStore address and the trusted root")
     if isinstance(e, (exceptions.LengthOrHashMismatchError, exceptions.DownloadLengthMismatchError)):
-        return AppStoreError("tampered", f"{what}: the bytes do not match their signed length or hashes ({e}); "
-                                         "refused")
+        return CatalogError("tampered", f"{what}: the bytes do not match their signed length or hashes ({e}); "
+                                        "refused")
     if isinstance(e, exceptions.RepositoryError):
-        return AppStoreError("invalid", f"{what}: the AppStore's metadata does not verify ({type(e).__name__}: {e})")
+        return CatalogError("invalid", f"{what}: the AppStore's metadata does not verify ({type(e).__name__}: {e})")
     if isinstance(e, exceptions.DownloadError):
         cause = e.__cause__ or e
-        return AppStoreError("offline", f"{what}: the AppStore cannot be reached ({type(cause).__name__}: {cause})")
-    return AppStoreError("invalid", f"{what}: {type(e).__name__}: {e}")
+        return CatalogError("offline", f"{what}: the AppStore cannot be reached ({type(cause).__name__}: {cause})")
+    return CatalogError("invalid", f"{what}: {type(e).__name__}: {e}")
 
 
 class AppStore:
@@ -151,12 +144,12 @@ class AppStore:
         try:
             info = updater.get_targetinfo(path)
             if info is None:
-                raise AppStoreError("not_published", f"{path} is not published in the AppStore")
+                raise CatalogError("not_published", f"{path} is not published in the AppStore")
             if dest.is_file() and updater.find_cached_target(info, str(dest)):
                 return dest
             dest.parent.mkdir(parents=True, exist_ok=True)
             updater.download_target(info, str(dest))
-        except AppStoreError:
+        except CatalogError:
             raise
         except Exception as e:
             dest.unlink(missing_ok=True)
@@ -168,11 +161,11 @@ class AppStore:
         # kept between refreshes: an unchanged channel costs no request
         data = self.download(f"channels/{name}.json", self._metadata_dir.parent / "channels" / f"{name}.json").read_bytes()
         if len(data) > MAX_CHANNEL_BYTES:
-            raise AppStoreError("invalid", f"channel {name} is {len(data)} bytes: too large")
+            raise CatalogError("invalid", f"channel {name} is {len(data)} bytes: too large")
         try:
             return ChannelDoc.parse(data, f"channel {name}")
         except FormatError as e:
-            raise AppStoreError("invalid", f"channel {name} was published wrong: {e}") from e
+            raise CatalogError("invalid", f"channel {name} was published wrong: {e}") from e
 
 
 def _entry(path: str, length: int, custom: dict[str, Any]) -> CatalogEntry | None:

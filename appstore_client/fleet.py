@@ -8,11 +8,11 @@ from typing import Any
 
 import urllib3
 
+from appstore_client.errors import FleetError
+
+__all__ = ["FleetClient", "FleetError"]
+
 TIMEOUT_S = 30.0
-
-
-class FleetError(Exception):
-    """The AppStore could not be reached, or refused the request (the message says which, and why)."""
 
 
 class FleetClient:

@@ -28,7 +28,8 @@ from appliance.demo.scene import render_frame
 from appliance.sync import desired_apps
 from appstore.repository import Repository
 from appstore.server import build_app
-from appstore_client.client import AppStore, AppStoreError, Catalog, CatalogEntry
+from appstore_client.client import AppStore, Catalog, CatalogEntry
+from appstore_client.errors import AppStoreError
 from appstore_client.fetcher import ResumableFetcher
 from formats.channel import ChannelDoc, Rollout
 from tests.conftest import Daemon, DaemonFactory, Publisher, Subscriber, wait_until
