@@ -28,7 +28,7 @@ bench: system-packages-bench $(STAMP)
 	$(BIN)/python -m bench.run --out docs --profile
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance appstore appstore_client formats tests bench
+	$(BIN)/ruff check appliance appstore appstore_client common formats tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -38,9 +38,9 @@ typecheck: $(STAMP)
 # then translate the new (empty) entries in appliance/console/locales/*/LC_MESSAGES/messages.po
 LOCALES := appliance/console/locales
 messages: $(STAMP)
-	$(BIN)/pybabel extract --no-location --omit-header --sort-output -F appliance/console/babel.cfg -k N_ \
+	$(BIN)/pybabel extract --width=120 --no-location --omit-header --sort-output -F appliance/console/babel.cfg -k N_ \
 		-o $(LOCALES)/messages.pot .
-	$(BIN)/pybabel update --no-fuzzy-matching --ignore-obsolete -i $(LOCALES)/messages.pot -d $(LOCALES) -D messages
+	$(BIN)/pybabel update --width=120 --no-fuzzy-matching --ignore-obsolete -i $(LOCALES)/messages.pot -d $(LOCALES) -D messages
 
 clean:
 	rm -rf $(VENV) .appliance .pytest_cache .mypy_cache

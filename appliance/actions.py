@@ -28,7 +28,7 @@ def handle_event(store: Store, event_id: str, action: HandlingAction, note: str,
     record = store.add_handling(event_id, action, by.name, note)
     store.audit(by.name, "event.handle", {"event": event_id, "action": action, "note": note}, by.address)
     event = store.get_event(event_id) if samples is not None else None
-    if samples is not None and event is not None:
+    if samples is not None and event is not None and action in ("false_positive", "missed_detection"):
         samples.flag_event(event, action)
     return record
 

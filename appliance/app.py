@@ -16,11 +16,12 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import uvicorn
 
 from appliance import __version__
+from appliance.appstore_link import AppStoreLink, appstore_link
 from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
 from appliance.console.diagnostics import build_bundle
@@ -32,11 +33,13 @@ from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.ingest.ingest import Ingest
 from appliance.logs import RECENT_LOGS
-from appliance.metrics import Metrics, PartitionSample, cpu_seconds
+from appliance.metrics import Metrics, PartitionSample
+from appliance.packages import clean_staging
 from appliance.pipeline import Pipeline
 from appliance.runtime.deploy import placement_for
 from appliance.runtime.inventory import NvmlReader, PynvmlReader, RecordedReader, read_inventory
 from appliance.runtime.messages import WorkerConfig
+from appliance.runtime.monitor import UTILISATION_S, PartitionMonitor
 from appliance.runtime.partitions import PartitionPlan, plan_partitions, session_providers
 from appliance.runtime.supervisor import WorkerSupervisor
 from appliance.samples.capture import SampleCapture
@@ -44,9 +47,9 @@ from appliance.samples.spool import Spool
 from appliance.samples.uploader import Uploader
 from appliance.settings import Settings
 from appliance.stats import Stats
+from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus
 from appliance.store import Store
 from appliance.sync import SyncLoop, make_sync
-from appstore_client.fleet import FleetClient
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ T = TypeVar("T")
 THREADSAFE_TIMEOUT_S = 10.0  # a call from another thread onto the loop gives up after this
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
-UTILISATION_S = 5.0  # CPU partitions' utilisation is averaged over this many seconds
 MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the models to load
 
 
@@ -65,7 +67,9 @@ class Daemon:
         self.started = time.time()
         self.store: Store | None = None
         self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
-        self.stats = Stats(s.ingest.source_silent_s)
+        i = s.ingest
+        self.stats = Stats(i.source_silent_s, latest_frames_bytes=i.latest_frames_bytes,
+                           forget_after_s=i.source_forget_s, unknown_kept=i.unknown_sources_kept)
         f = s.hardware.inventory_file
         self.nvml: NvmlReader = RecordedReader(f) if f else PynvmlReader()
         self.inventory = read_inventory(f)
@@ -73,10 +77,9 @@ class Daemon:
         self.workers = {p.name: WorkerSupervisor(self._worker_config(p), s.runtime,
                                                  on_change=functools.partial(self._worker_changed, p.name))
                         for p in self.plans}
+        self.partitions = PartitionMonitor(self.plans, self.workers, self.nvml)
         self.metrics = Metrics(self.stats, self._partition_metrics)
         self.placement: dict[str, str] = {}
-        self._cpu_seen: dict[str, tuple[float, float]] = {}  # partition -> (monotonic time, worker CPU seconds)
-        self.cpu_utilisation: dict[str, float] = {}  # partition -> percent of its cores, last UTILISATION_S
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
         self.results_topic = f"{base}/results"
@@ -93,6 +96,8 @@ class Daemon:
         self.sync_loop: SyncLoop | None = None
         self.samples: SampleCapture | None = None
         self.uploader: Uploader | None = None
+        self._quota = SampleQuota(bytes=s.samples.quota_bytes, count=s.samples.quota_count)
+        self.appstore: AppStoreLink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _worker_config(self, plan: PartitionPlan) -> WorkerConfig:
@@ -111,16 +116,8 @@ class Daemon:
             self.pipeline.on_worker_change(partition)
 
     def _partition_metrics(self) -> list[PartitionSample]:
-        out = []
-        for plan in self.plans:
-            w = self.workers[plan.name]
-            lane = self.pipeline.lanes.get(plan.name) if self.pipeline else None
-            used = sum(m.memory_mb for m in w.models.values() if m.state == "ready")
-            gpu = None if plan.kind == "cpu" else self._gpu_usage(plan).get("utilisation_percent")
-            out.append(PartitionSample(plan.name, w.state, w.restarts, used, plan.memory_mb,
-                                       lane.dispatched if lane else 0, len(lane.slots) if lane else 0,
-                                       w.inflight(), w.pid, gpu))
-        return out
+        pipeline = self.pipeline
+        return self.partitions.samples(pipeline.lane_load if pipeline else lambda _: (0, 0))
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "device": self.settings.device_id, "version": __version__,
@@ -159,13 +156,13 @@ class Daemon:
         if self.broker is not None:
             self.broker.start()
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1),
-                                on_event=self.live.publish)
+                                on_event=self.live.publish, side_work=self.metrics.side_work)
         spool = Spool(self.store, s.samples, s.state_dir / "samples", s.device_id)
         await asyncio.get_running_loop().run_in_executor(None, spool.tidy)
+        await asyncio.get_running_loop().run_in_executor(None, clean_staging, s.models_dir)
         self.samples = SampleCapture(spool, self.store, s.state_dir, s.samples.apps)
-        fleet = FleetClient(s.appstore.url, s.device_id, s.appstore.device_token) \
-            if s.appstore.url and s.appstore.device_token else None
-        self.uploader = Uploader(spool, self.store, s.samples, fleet)
+        self.appstore = appstore_link(s)  # the one connection: sync, reports and samples
+        self.uploader = Uploader(spool, self.store, s.samples, self.appstore.fleet if self.appstore else None)
         self.samples.on_captured.append(self.uploader.wake)
         self.pipeline = Pipeline(self.workers, self.events, self.stats, self.metrics, s.ingest.telemetry_queue,
                                  self._publish_result if s.outputs.results else None, self.samples.on_result)
@@ -196,10 +193,11 @@ class Daemon:
             self._every(CONFIG_POLL_S, self._reload, "config-watch"),
             self._every(s.retention.prune_interval_s, self._prune, "retention"),
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
-            self._every(UTILISATION_S, self._sample_cpu, "utilisation"),
+            self._every(UTILISATION_S, self.partitions.sample_cpu, "utilisation"),
         ]
         self.uploader.start()
-        sync = make_sync(s, store, self.plans, self._threadsafe(self._app_states), self._threadsafe(self.healthy))
+        sync = make_sync(s, store, self.plans, self._threadsafe(self._app_states), self._threadsafe(self.healthy),
+                         self.appstore)
         if sync is not None:
             self.sync_loop = SyncLoop(sync, s)
             self._tasks.append(asyncio.create_task(self.sync_loop.run(), name="appstore-sync"))
@@ -258,15 +256,8 @@ class Daemon:
         sock.setblocking(False)
         return sock
 
-    def _samples_status(self) -> dict[str, Any]:
-        if self.store is None or self.uploader is None or self.samples is None:
-            return {}
-        return {**self.store.sample_counts(), "uploader": self.uploader.snapshot(),
-                "skipped_busy": self.samples.skipped_busy,
-                "quota": {"bytes": self.settings.samples.quota_bytes, "count": self.settings.samples.quota_count}}
-
-    def _app_states(self) -> dict[str, dict[str, Any]]:
-        return {str(a["name"]): a for a in (self.pipeline.app_states() if self.pipeline else [])}
+    def _app_states(self) -> dict[str, AppStatus]:
+        return {a.name: a for a in (self.pipeline.app_status() if self.pipeline else [])}
 
     def _threadsafe(self, fn: Callable[[], T]) -> Callable[[], T]:
         """``fn`` run on the daemon's loop, callable from another thread (the AppStore sync's)."""
@@ -314,6 +305,8 @@ class Daemon:
         if self.broker is not None:
             self.broker.stop()
         await self._flush_sources()
+        if self.appstore is not None:
+            self.appstore.close()
         if self.store is not None:
             self.store.close()
         log.info("appliance stopped")
@@ -340,23 +333,10 @@ class Daemon:
         if self.events is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.events.prune)
 
-    async def _sample_cpu(self) -> None:
-        for plan in self.plans:
-            seconds = cpu_seconds(self.workers[plan.name].pid)
-            if seconds is None:
-                continue
-            now = time.monotonic()
-            last = self._cpu_seen.get(plan.name)
-            self._cpu_seen[plan.name] = (now, seconds)
-            if last is not None and now > last[0] and seconds >= last[1]:
-                cores = len(plan.cores) or 1
-                self.cpu_utilisation[plan.name] = round(100 * (seconds - last[1]) / (now - last[0]) / cores, 1)
-
     async def _flush_sources(self) -> None:
         if self.store is None:
             return
-        rows = [(str(s["id"]), str(s["kind"]), float(s["last_seen"]))  # type: ignore[arg-type]
-                for s in self.stats.snapshot() if s["last_seen"]]
+        rows: list[tuple[str, str, float]] = list(self.stats.last_seen())
         if rows:
             await asyncio.get_running_loop().run_in_executor(None, self.store.touch_sources, rows)
 
@@ -373,65 +353,23 @@ class Daemon:
                 problems.append(f"worker {name} is {worker.state}")
         return (not problems, "; ".join(problems))
 
-    def _partition_status(self, plan: PartitionPlan) -> dict[str, Any]:
-        w = self.workers[plan.name]
-        expected = plan.providers[0][0]
-        fallback = [k for k, m in w.models.items() if m.state == "failed" and expected in m.reason]
-        return {"name": plan.name, "device": plan.device, "kind": plan.kind, "cores": list(plan.cores),
-                "memory_mb": plan.memory_mb, "compute_percent": plan.compute_percent, "provider": expected,
-                "env": plan.env, "worker": w.state,
-                "memory_used_mb": round(sum(m.memory_mb for m in w.models.values() if m.state == "ready"), 1),
-                "apps": sorted(a for a, p in self.placement.items() if p == plan.name),
-                **self._gpu_usage(plan),
-                "error": f"fell back from {expected}: {', '.join(fallback)}" if fallback else ""}
-
-    def _gpu_usage(self, plan: PartitionPlan) -> dict[str, Any]:
-        """Utilisation from NVML: for a GPU the whole device's (a slice shares it); none per MIG instance."""
-        if plan.kind == "cpu" or plan.gpu_index is None:
-            return {"utilisation_percent": self.cpu_utilisation.get(plan.name),
-                    "utilisation_note": f"of its cores, over the last {UTILISATION_S:g} s"}
-        if plan.kind == "mig":
-            return {"utilisation_percent": None,
-                    "utilisation_note": "NVML does not report utilisation per MIG instance"}
-        usage = self.nvml.usage(plan.gpu_index)
-        if usage is None:
-            return {"utilisation_percent": None, "utilisation_note": "NVML gave no reading"}
-        note = "whole GPU, shared by its slices" if plan.kind == "slice" else "whole GPU"
-        return {"utilisation_percent": usage.utilisation_percent, "gpu_memory_used_mb": usage.memory_used_mb,
-                "utilisation_note": note}
-
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
+        """Each component's part, put together."""
         s = self.settings
         ok, reason = self.healthy()
-        sources = self.stats.snapshot()
-        last = self.pipeline.last_results if self.pipeline else {}
-        for src in sources:
-            r = last.get(str(src["id"]))
-            src["last_result"] = None if r is None else {
-                "ts": r.ts, "app": r.app, "detections": [d.to_json() for d in r.detections[:5]]}
-        unknown_totals, unknown = self.stats.unknown_snapshot()
-        return {
-            "device": s.device_id,
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started, 1),
-            "health": {"ok": ok, "reason": reason},
-            "broker": {"mode": s.broker.mode, "host": s.broker.host, "port": s.broker.port,
-                       "protocol": s.broker.mqtt_version, "connected": self.mqtt.connected},
-            "partitions": [self._partition_status(p) for p in self.plans],
-            "workers": [{"partition": n, "state": w.state, "pid": w.pid, "threads": w.threads,
-                         "executors": w.executors, "restarts": w.restarts,
-                         "last_restart_reason": w.last_restart_reason, "inflight": w.inflight()}
-                        for n, w in self.workers.items()],
-            "models": [{"key": k, "state": m.state, "reason": m.reason, "providers": list(m.providers),
-                        "partition": n, "memory_mb": round(m.memory_mb, 1)}
-                       for n, w in self.workers.items() for k, m in sorted(w.models.items())],
-            "apps": self.pipeline.app_states() if self.pipeline else [],
-            "sources": sources,
-            "unknown_sources": {"rejected": unknown_totals, "recent": unknown},
-            "events": self.stats.events_snapshot(),
-            "appstore": self.sync_loop.sync.snapshot() if self.sync_loop else {"state": "off"},
-            "samples": self._samples_status(),
-        }
+        workers = list(self.workers.values())
+        pipeline, samples, uploader = self.pipeline, self.samples, self.uploader
+        return DaemonStatus(
+            device=s.device_id, version=__version__, uptime_s=round(time.time() - self.started, 1),
+            health=Health(ok=ok, reason=reason), broker=self.mqtt.status(),
+            partitions=tuple(self.partitions.status(self.placement)),
+            workers=tuple(w.status() for w in workers),
+            models=tuple(m for w in workers for m in w.model_status()),
+            apps=tuple(pipeline.app_status() if pipeline else ()),
+            sources=tuple(self.stats.sources()), unknown_sources=self.stats.unknown(),
+            events=self.stats.event_counts(),
+            appstore=self.sync_loop.sync.status() if self.sync_loop else SyncStatus(),
+            samples=samples.status(uploader.status(), self._quota) if samples and uploader else None)
 
 
 async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None,

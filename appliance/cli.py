@@ -45,6 +45,7 @@ def _tls_context(cert: Path) -> ssl.SSLContext:
 
 
 def _fetch_status(settings: Settings) -> dict[str, Any]:
+    """What ``/api/status`` answers, as JSON (see :class:`appliance.status.DaemonStatus`)."""
     h = settings.http
     host = "127.0.0.1" if h.host in ("0.0.0.0", "") else "::1" if h.host == "::" else h.host
     host = f"[{host}]" if ":" in host else host
@@ -173,53 +174,65 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _fetch_status(_settings(args))
+    from pydantic import ValidationError
+
+    from appliance import __version__
+    from appliance.status import DaemonStatus
+
+    raw = _fetch_status(_settings(args))
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(raw, indent=2))
         return 0
-    health = "OK" if st["health"]["ok"] else f"DEGRADED: {st['health']['reason']}"
-    b = st["broker"]
-    print(f"device {st['device']}  version {st['version']}  up {st['uptime_s']:.0f} s  health {health}")
-    print(f"broker {b['mode']} {b['host']}:{b['port']} MQTT {b['protocol']}  "
-          f"{'connected' if b['connected'] else 'NOT CONNECTED'}")
-    workers = {w["partition"]: w for w in st["workers"]}
+    try:
+        st = DaemonStatus.model_validate(raw)
+    except ValidationError as e:
+        raise ApplianceError(f"the daemon (version {raw.get('version', '?')}) answered a status this command "
+                             f"(version {__version__}) cannot read: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}; "
+                             "restart the daemon after an upgrade, or use --json") from e
+    health = "OK" if st.health.ok else f"DEGRADED: {st.health.reason}"
+    b = st.broker
+    print(f"device {st.device}  version {st.version}  up {st.uptime_s:.0f} s  health {health}")
+    print(f"broker {b.mode} {b.host}:{b.port} MQTT {b.protocol}  {'connected' if b.connected else 'NOT CONNECTED'}")
+    workers = {w.partition: w for w in st.workers}
     print("\npartitions:")
-    for p in st["partitions"]:
-        w = workers[p["name"]]
-        limit = f"{p['memory_mb']} MB" if p["memory_mb"] else "no limit"
-        cores = f" cores {','.join(map(str, p['cores']))}" if p["cores"] else ""
-        print(f"  {p['name']:<10} {p['device']:<12}{cores}  {p['provider']:<24} worker {w['state']} pid {w['pid']} "
-              f"restarts {w['restarts']}  memory {p['memory_used_mb']:.0f} MB / {limit}  apps {', '.join(p['apps']) or '-'}")
-        if w["restarts"]:
-            print(f"             last restart: {w['last_restart_reason']}")
-        if p.get("utilisation_percent") is not None:
-            print(f"             utilisation {p['utilisation_percent']:.0f}% ({p['utilisation_note']})")
-        elif p["kind"] == "mig":
-            print(f"             utilisation: {p['utilisation_note']}")
-        if p["error"]:
-            print(f"             ERROR: {p['error']}")
+    for p in st.partitions:
+        w = workers[p.name]
+        limit = f"{p.memory_mb} MB" if p.memory_mb else "no limit"
+        cores = f" cores {','.join(map(str, p.cores))}" if p.cores else ""
+        print(f"  {p.name:<10} {p.device:<12}{cores}  {p.provider:<24} worker {w.state} pid {w.pid} "
+              f"restarts {w.restarts}  memory {p.memory_used_mb:.0f} MB / {limit}  apps {', '.join(p.apps) or '-'}")
+        if w.restarts:
+            print(f"             last restart: {w.last_restart_reason}")
+        if p.utilisation_percent is not None:
+            print(f"             utilisation {p.utilisation_percent:.0f}% ({p.utilisation_note})")
+        elif p.kind == "mig":
+            print(f"             utilisation: {p.utilisation_note}")
+        if p.error:
+            print(f"             ERROR: {p.error}")
     print("\nmodels:")
-    for m in st["models"] or [{"key": "(none loaded)", "state": "", "reason": "", "providers": []}]:
-        print(f"  {m['key']:<30} {m.get('partition', ''):<10} {m['state']:<12} {','.join(m['providers'])} {m['reason']}")
+    for m in st.models:
+        print(f"  {m.key:<30} {m.partition:<10} {m.state:<12} {','.join(m.providers)} {m.reason}")
+    if not st.models:
+        print("  (none loaded)")
     print("\napps:")
-    for a in st["apps"]:
-        print(f"  {a['name']:<20} {a['version']:<8} {a['model']:<28} on {a['partition'] or '-':<10} {a['state']:<9} "
-              f"events {a['events']} {a['reason']}")
-        if a["swap"]:
-            print(f"      {a['swap']}")
-    if not st["apps"]:
+    for a in st.apps:
+        print(f"  {a.name:<20} {a.version:<8} {a.model:<28} on {a.partition or '-':<10} {a.state:<9} "
+              f"events {a.events} {a.reason}")
+        if a.swap:
+            print(f"      {a.swap}")
+    if not st.apps:
         print("  (none)")
     print("\nsources:              fps rx/done/skip   received  processed  skipped  rejected")
-    for s in st["sources"]:
-        rejected = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "0"
-        print(f"  {s['kind']:<6} {s['id']:<12} {s['fps_received']:5.1f}/{s['fps_processed']:5.1f}/{s['fps_skipped']:5.1f}"
-              f"  {s['received']:9d}  {s['processed']:9d}  {s['skipped']:7d}  {rejected}")
-        if s["state"] != "receiving":
-            print(f"         {s['state']}: {s['reason']}")
-    unknown = st["unknown_sources"]
-    if unknown["recent"]:
-        names = ", ".join(u["id"] for u in unknown["recent"][-10:])
-        print(f"\nrejected messages from sources no app listens to: {sum(unknown['rejected'].values())} ({names})")
+    for s in st.sources:
+        rejected = ", ".join(f"{k} {v}" for k, v in s.rejected.items()) or "0"
+        print(f"  {s.kind:<6} {s.id:<12} {s.fps_received:5.1f}/{s.fps_processed:5.1f}/{s.fps_skipped:5.1f}"
+              f"  {s.received:9d}  {s.processed:9d}  {s.skipped:7d}  {rejected}")
+        if s.state != "receiving":
+            print(f"         {s.state}: {s.reason}")
+    unknown = st.unknown_sources
+    if unknown.recent:
+        names = ", ".join(u.id for u in unknown.recent[-10:])
+        print(f"\nrejected messages from sources no app listens to: {sum(unknown.rejected.values())} ({names})")
     return 0
 
 

@@ -17,10 +17,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from appliance.ingest.ingest import Frame
 from appliance.rules import Firing, draw_snapshot, render_telemetry_card
 from appliance.runtime.results import Detection
 from appliance.settings import Settings
+from appliance.sidework import SideWork
 from appliance.store import EventRecord, Store
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,10 @@ def event_json(event: EventRecord, device: str) -> bytes:
 
 class EventSink:
     def __init__(self, store: Store, settings: Settings, publish: Callable[[str, bytes], object],
-                 on_event: Callable[[EventRecord], None] = lambda event: None) -> None:
+                 on_event: Callable[[EventRecord], None] = lambda event: None,
+                 side_work: SideWork | None = None) -> None:
         self._store = store
+        self._side = side_work or SideWork(Counter("side_work_errors", "", ["work"], registry=None))
         self._on_event = on_event  # the console's live feed
         self._settings = settings
         self._publish = publish
@@ -84,8 +89,9 @@ class EventSink:
             score=d.score, box=d.box, snapshot=rel if snapshot else None,
             snapshot_bytes=size, created=time.time())
         await loop.run_in_executor(None, self._store.add_event, event)
-        self._publish(self._topic, event_json(event, self._settings.device_id))
-        self._on_event(event)
+        # stored: the event exists; what follows only tells others, and cannot undo it
+        self._side.run("events-mqtt", firing.app, self._publish, self._topic, event_json(event, self._settings.device_id))
+        self._side.run("live", firing.app, self._on_event, event)
         log.info("event %s: app %s rule %s on %s: %s %.2f", event_id[:8], firing.app, firing.rule, firing.source,
                  d.label, d.score)
         return event

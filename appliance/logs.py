@@ -19,6 +19,13 @@ class ThrottledLog:
         self._lock = threading.Lock()
 
     def warning(self, key: Hashable, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def error(self, key: Hashable, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
+        """An ERROR at most once per interval per ``key``; ``exc_info`` adds its traceback to the one logged."""
+        self.log(logging.ERROR, key, msg, *args, exc_info=exc_info)
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
         now = time.monotonic()
         with self._lock:
             last, suppressed = self._last.get(key, (-1e18, 0))
@@ -30,7 +37,7 @@ class ThrottledLog:
                 self._last.clear()
         if suppressed:
             msg += f" (and {suppressed} more like it in the last {self._interval:.0f} s)"
-        self._logger.warning(msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
 
 
 def setup_logging(level: str) -> None:

@@ -10,10 +10,11 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from appliance.sidework import SideWork
 from appliance.stats import Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
@@ -64,12 +65,15 @@ class _StatsCollector(Collector):
             skipped.add_metric([sid, kind], sx)
             for reason, n in rej.items():
                 rejected.add_metric([sid, kind, reason], n)
-        totals, _ = self._stats.unknown_snapshot()
-        for reason, n in totals.items():
+        for reason, n in self._stats.unknown().rejected.items():
             rejected.add_metric(["(unknown)", "", reason], n)
         events = CounterMetricFamily("appliance_events", "Events raised per app", labels=["app"])
-        for app, n in self._stats.events_snapshot().items():
+        for app, n in self._stats.event_counts().items():
             events.add_metric([app], n)
+        tracked = GaugeMetricFamily("appliance_sources_tracked", "Sources remembered (forgotten after ingest."
+                                    "source_forget_s of silence)", value=self._stats.tracked())
+        frames = GaugeMetricFamily("appliance_latest_frames_bytes", "Bytes held in the cameras' latest frames for "
+                                   "the console (at most ingest.latest_frames_bytes)", value=self._stats.frame_bytes())
         p = ["partition"]
         restarts = CounterMetricFamily("appliance_worker_restarts", "Worker process restarts", labels=p)
         up = GaugeMetricFamily("appliance_worker_up", "1 when the partition's worker is serving", labels=p)
@@ -96,7 +100,7 @@ class _StatsCollector(Collector):
                 cpu.add_metric([s.name], seconds)
             if s.gpu_utilisation_percent is not None:
                 gpu.add_metric([s.name], s.gpu_utilisation_percent)
-        yield from (received, processed, skipped, rejected, events, restarts, up, used, limit, jobs, queued,
+        yield from (received, processed, skipped, rejected, events, tracked, frames, restarts, up, used, limit, jobs, queued,
                     inflight, cpu, gpu)
 
 
@@ -118,6 +122,10 @@ class Metrics:
         self.pipeline = Histogram(
             "appliance_pipeline_seconds", "Arrival of a message to its result (queueing + decode + inference)",
             ["kind"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.side_work = SideWork(Counter(
+            "appliance_side_work_errors", "Failures of the work done beside the rules for each result or event "
+            "(samples, results, events-mqtt, live); the rules and events go on regardless", ["work"],
+            registry=self.registry))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -27,6 +29,8 @@ from appliance.store import AppRecord, ModelRecord, Store, StoreError
 from formats import AppManifest, FormatError, ModelCard
 from formats.graph import card_problems
 from formats.model_card import package_files
+
+log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 CLI = Actor("cli", "local")  # who installs when no one else is named: the command line on the box
@@ -79,7 +83,8 @@ def install_model(store: Store, models_dir: Path, package: Path, *, by: Actor = 
     final = models_dir / digest
     if not final.exists():
         models_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=models_dir))
+        clean_staging(models_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=models_dir))
         try:
             (tmp / "model.onnx").write_bytes(data)
             (tmp / "model.json").write_text(card.to_json(), encoding="utf-8")
@@ -100,6 +105,45 @@ def install_model(store: Store, models_dir: Path, package: Path, *, by: Actor = 
     record = store.get_model(card.name, card.version)
     assert record is not None
     return record
+
+
+STAGING_PREFIX = ".install-"  # models/.install-{pid}-{random}: a model being written, renamed into place when whole
+STAGING_ORPHAN_S = 3600.0  # seconds: a staging folder older than this is never a live install's
+
+
+def clean_staging(models_dir: Path) -> int:
+    """Remove staging folders that no running install owns (an ``appliance models add`` or a sync killed
+    mid-write); the bytes freed. Folders of live installs (their process still runs) are left alone."""
+    freed = 0
+    for folder in models_dir.glob(f"{STAGING_PREFIX}*"):
+        if not folder.is_dir() or _staging_owner_alive(folder):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            freed += size
+            log.info("removed %s (%.1f MB) left by an install that did not finish", folder, size / 2**20)
+    return freed
+
+
+def _staging_owner_alive(folder: Path) -> bool:
+    """True while the install that made ``folder`` may still be writing it: its process runs (the pid is in
+    the name) and it is younger than an install ever takes (a pid may be reused after a restart)."""
+    try:
+        if time.time() - folder.stat().st_mtime >= STAGING_ORPHAN_S:
+            return False
+    except OSError:
+        return False
+    pid_text = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return True  # an older name, without its owner: only its age tells
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def remove_model(store: Store, name: str, version: str) -> ModelRecord:

@@ -34,6 +34,7 @@ from appliance.runtime.messages import JobDone, ModelSpec
 from appliance.runtime.results import Detection
 from appliance.runtime.supervisor import WorkerLost, WorkerSupervisor
 from appliance.stats import Stats
+from appliance.status import AppState, AppStatus
 from appliance.store import AppRecord, ModelRecord
 from formats import AppManifest
 
@@ -58,13 +59,6 @@ class ActiveApp:
     @property
     def model_key(self) -> str:
         return self.manifest.model.key
-
-
-@dataclass(slots=True, frozen=True)
-class LastResult:
-    ts: float
-    app: str
-    detections: tuple[Detection, ...]
 
 
 @dataclass(slots=True)
@@ -135,7 +129,6 @@ class Pipeline:
         self._ticket_lock = threading.Lock()
         self._inflight: set[asyncio.Future[JobDone]] = set()  # jobs in the workers
         self._emitting: set[asyncio.Task[None]] = set()  # events being stored and published
-        self.last_results: dict[str, LastResult] = {}
         self._log = ThrottledLog(log)
 
     # routing, safe from any thread
@@ -245,13 +238,15 @@ class Pipeline:
         if changed:
             self._apply_models()
 
-    def app_states(self) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        events = self._stats.events_snapshot()
+    def app_status(self) -> list[AppStatus]:
+        """Each app's state in words, as status shows it."""
+        out: list[AppStatus] = []
+        events = self._stats.event_counts()
         for app in self._apps.values():
             partition = self._placement.get(app.name)
             lane = self.lanes.get(partition or "")
             model = lane.worker.models.get(app.model_key) if lane else None
+            state: AppState
             if not app.enabled:
                 state, reason = "disabled", "disabled by an operator"
             elif lane is None:
@@ -266,11 +261,16 @@ class Pipeline:
                     f": {model.reason}" if model and model.reason else "")
             else:
                 state, reason = "serving", ""
-            out.append({"name": app.name, "version": app.manifest.version, "model": app.model_key,
-                        "partition": partition, "sources": list(app.manifest.sources), "state": state,
-                        "reason": reason, "swap": self.swap_notes.get(app.name, ""),
-                        "events": events.get(app.name, 0)})
+            out.append(AppStatus(name=app.name, version=app.manifest.version, model=app.model_key,
+                                 partition=partition, sources=tuple(app.manifest.sources), state=state,
+                                 reason=reason, swap=self.swap_notes.get(app.name, ""),
+                                 events=events.get(app.name, 0)))
         return out
+
+    def lane_load(self, partition: str) -> tuple[int, int]:
+        """(jobs handed to the partition's worker so far, items waiting in its slots), for ``/metrics``."""
+        lane = self.lanes.get(partition)
+        return (lane.dispatched, len(lane.slots)) if lane is not None else (0, 0)
 
     # lifecycle
 
@@ -343,8 +343,8 @@ class Pipeline:
         ready = lane.worker.ready_models()
         models = tuple(sorted({a.model_key for a in apps if a.model_key in ready}))
         if not models:
-            states = {str(s["name"]): s for s in self.app_states()}
-            why = "; ".join(f"{a.name}: {states[a.name]['reason']}" for a in apps if a.name in states)
+            states = {s.name: s for s in self.app_status()}
+            why = "; ".join(f"{a.name}: {states[a.name].reason}" for a in apps if a.name in states)
             self._settle(ticket, "rejected", ("model_unavailable", why or "no app serves it any more"))
             return
         if frame.kind == "camera":
@@ -385,16 +385,17 @@ class Pipeline:
             detections = done.results.get(app.model_key)
             if detections is None:
                 continue
-            self.last_results[frame.source] = LastResult(frame.captured, app.name, tuple(detections))
+            self._stats.result(frame.source, frame.captured, app.name, tuple(detections))
             if self._publish_result is not None:
-                self._publish_result({"source": frame.source, "app": app.name, "model": app.model_key,
-                                      "ts": frame.captured, "arrived": frame.arrived, "done": now,
-                                      # decode + preprocess + inference + outputs of this frame for this model
-                                      "work_s": round(done.decode_s + done.prepare_s.get(app.model_key, 0.0)
-                                                      + done.infer_s.get(app.model_key, 0.0), 6),
-                                      "detections": [d.to_json() for d in detections]})
+                result = {"source": frame.source, "app": app.name, "model": app.model_key,
+                          "ts": frame.captured, "arrived": frame.arrived, "done": now,
+                          # decode + preprocess + inference + outputs of this frame for this model
+                          "work_s": round(done.decode_s + done.prepare_s.get(app.model_key, 0.0)
+                                          + done.infer_s.get(app.model_key, 0.0), 6),
+                          "detections": [d.to_json() for d in detections]}
+                self._metrics.side_work.run("results", app.name, self._publish_result, result)
             if self._on_result is not None:
-                self._on_result(app.manifest, frame, detections)
+                self._metrics.side_work.run("samples", app.name, self._on_result, app.manifest, frame, detections)
             firings = app.engine.evaluate(frame.source, detections, frame.captured)
             if firings:
                 task = asyncio.create_task(self._emit(app.name, firings, frame, detections))

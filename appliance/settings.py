@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import ConfigError
+from formats.app_manifest import SamplePolicyOverride
 from formats.errors import describe_validation_error
 
 ENV_PREFIX = "APPLIANCE_"
@@ -88,6 +89,17 @@ class IngestSettings(_Section):
     max_image_pixels: int = Field(default=40_000_000, gt=0)  # pixels, guards against decompression bombs
     telemetry_queue: int = Field(default=16, ge=1)  # samples kept per sensor when inference lags
     source_silent_s: float = Field(default=30.0, gt=0)  # seconds without data before a source reads silent
+    # what is remembered per source, bounded however many camera ids come and go (appliance.stats):
+    latest_frames_bytes: int = Field(default=64 * 1024 * 1024, ge=0)  # bytes, all cameras' latest frames for the console
+    source_forget_s: float = Field(default=86400.0, gt=0)  # seconds of silence before a source is forgotten
+    unknown_sources_kept: int = Field(default=64, ge=0)  # ids of sources no app listens to, shown in status
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestSettings:
+        if self.source_forget_s < self.source_silent_s:
+            raise ValueError("source_forget_s must be at least source_silent_s: a source reads silent before it "
+                             "is forgotten")
+        return self
 
 
 class RuntimeSettings(_Section):
@@ -194,7 +206,7 @@ class SamplesSettings(_Section):
     batch: int = Field(default=20, ge=1)  # samples sent per pass
     bandwidth_kbps: float = Field(default=0.0, ge=0)  # 0: no cap
     retry_max_s: float = Field(default=300.0, ge=1)
-    apps: dict[str, dict[str, Any]] = Field(default_factory=dict)  # app name -> SamplePolicy fields to override
+    apps: dict[str, SamplePolicyOverride] = Field(default_factory=dict)  # app name -> its policy, changed here
 
 
 class Settings(_Section):

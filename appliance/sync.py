@@ -22,25 +22,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from appliance import __version__, packages
+from appliance.appstore_link import AppStoreLink
 from appliance.auth.accounts import Actor
 from appliance.errors import ConfigError, InstallError
 from appliance.runtime.partitions import PartitionPlan
 from appliance.settings import Settings
+from appliance.status import AppStatus, CatalogApp, Download, SyncStatus
+from appliance.status import SyncState as SyncStateName
 from appliance.store import Store
 from appstore_client.client import AppStore, Catalog
 from appstore_client.errors import CatalogError, FleetError
-from appstore_client.fetcher import ResumableFetcher, TlsOptions
-from appstore_client.fleet import FleetClient
+from appstore_client.fetcher import ResumableFetcher
+from common.backoff import Backoff
 from formats.app_manifest import AppManifest
 from formats.channel import ChannelDoc, in_rollout
 from formats.errors import FormatError
@@ -50,7 +52,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ACTOR = "appstore-sync"
 SYNC = Actor(ACTOR, "appstore")  # in the audit log: installs, rollbacks and refusals of the sync
-SyncStateName = Literal["off", "starting", "syncing", "in sync", "offline", "refused"]
 
 
 @dataclass(slots=True)
@@ -69,10 +70,7 @@ class SyncState:
     next_try_s: float | None = None
     desired: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # app -> why its desired version is not running
-    catalog: list[dict[str, Any]] = field(default_factory=list)  # the published apps, for the console    downloads: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    catalog: tuple[CatalogApp, ...] = ()  # the published apps, for the console
 
 
 def desired_apps(channel: ChannelDoc, device_id: str, group: str, subscriptions: list[str],
@@ -90,7 +88,8 @@ def desired_apps(channel: ChannelDoc, device_id: str, group: str, subscriptions:
 
 class Sync:
     def __init__(self, settings: Settings, store: Store, plans: list[PartitionPlan],
-                 app_states: Callable[[], dict[str, dict[str, Any]]], health: Callable[[], tuple[bool, str]]) -> None:
+                 app_states: Callable[[], dict[str, AppStatus]], health: Callable[[], tuple[bool, str]],
+                 link: AppStoreLink) -> None:
         a = settings.appstore
         self._settings = settings
         self._store = store
@@ -98,20 +97,22 @@ class Sync:
         self._app_states = app_states  # name -> the daemon's runtime state of the app (thread-safe)
         self._health = health
         self._dir = settings.state_dir / "appstore"
-        self.fetcher = ResumableFetcher(self._dir / "partial",
-                                        tls=TlsOptions(a.ca_file, a.cert_file, a.key_file))
-        self.fleet = FleetClient(a.url or "", settings.device_id, a.device_token or "", self.fetcher.pool)
+        self.fetcher = ResumableFetcher(self._dir / "partial", link.connection)
+        self.fleet = link.fleet
         self.state = SyncState(state="starting", url=a.url or "", channel=a.channel, group=a.group)
         self._failed: dict[tuple[str, str], str] = {}  # (app, version) that did not activate -> why
         self._lock = threading.Lock()  # one pass at a time
         root = a.root.read_bytes() if a.root is not None else b""
         self._client = AppStore(a.url or "", root, self._dir, self.fetcher)
 
-    def snapshot(self) -> dict[str, Any]:
-        out = self.state.to_json()
-        out["downloads"] = [{"url": p.url.rsplit("/", 1)[-1], "received": p.received, "total": p.total}
-                            for p in list(self.fetcher.progress.values())]
-        return out
+    def status(self) -> SyncStatus:
+        s = self.state
+        downloads = tuple(Download(url=p.url.rsplit("/", 1)[-1], received=p.received, total=p.total)
+                          for p in list(self.fetcher.progress.values()))
+        return SyncStatus(state=s.state, url=s.url, channel=s.channel, group=s.group, rollout=s.rollout,
+                          catalog_version=s.catalog_version, last_sync=s.last_sync, last_attempt=s.last_attempt,
+                          last_error=s.last_error, next_try_s=s.next_try_s, desired=dict(s.desired),
+                          refused=dict(s.refused), catalog=s.catalog, downloads=downloads)
 
     # one pass
 
@@ -139,10 +140,10 @@ class Sync:
         self.state.catalog_version, self.state.desired, self.state.rollout = catalog.version, want, rollout
         # a refused version is tried again once the desired version has moved on and come back
         self._failed = {k: v for k, v in self._failed.items() if want.get(k[0]) == k[1]}
-        self.state.catalog = [
-            {"name": name, "versions": [v.version for v in versions], "latest": versions[-1].version,
-             "description": versions[-1].description, "model": versions[-1].model}
-            for name, versions in sorted(catalog.apps().items())]
+        self.state.catalog = tuple(
+            CatalogApp(name=name, versions=tuple(v.version for v in versions), latest=versions[-1].version,
+                       description=versions[-1].description, model=versions[-1].model)
+            for name, versions in sorted(catalog.apps().items()))
         refused: dict[str, str] = {}
         for name, version in sorted(want.items()):
             why = self._reconcile(name, version, catalog)
@@ -192,15 +193,15 @@ class Sync:
     def _await_activation(self, name: str, version: str, previous: str | None) -> str:
         timeout = self._settings.appstore.activation_timeout_s
         deadline = time.monotonic() + timeout
-        state: dict[str, Any] = {}
+        state: AppStatus | None = None
         while time.monotonic() < deadline:
-            state = self._app_states().get(name) or {}
-            if state.get("state") == "serving" and state.get("version") == version:
+            state = self._app_states().get(name)
+            if state is not None and state.state == "serving" and state.version == version:
                 log.info("AppStore: %s %s is serving", name, version)
                 return ""
             time.sleep(0.25)
-        why = (f"{version} did not serve within {timeout:g} s (state {state.get('state', 'unknown')}"
-               f"{': ' + str(state.get('reason')) if state.get('reason') else ''})")
+        why = (f"{version} did not serve within {timeout:g} s (state {state.state if state else 'unknown'}"
+               f"{': ' + state.reason if state and state.reason else ''})")
         if previous is not None:
             try:
                 packages.rollback_app(self._store, name, ACTOR, "appstore")
@@ -223,7 +224,7 @@ class Sync:
         if not a.url or not a.device_token:
             return
         ok, reason = self._health()
-        apps: dict[str, dict[str, Any]] = {n: {"version": s.get("version"), "state": s.get("state")}
+        apps: dict[str, dict[str, Any]] = {n: {"version": s.version, "state": s.state}
                                            for n, s in self._app_states().items()}
         for name, why in self.state.refused.items():
             # the desired version failed here: say so under that version, so that a staged rollout whose
@@ -234,6 +235,8 @@ class Sync:
                 "rollout": self.state.rollout, "version": __version__, "apps": apps,
                 "health": {"ok": ok, "reason": reason}, "last_sync": self.state.last_sync,
                 "last_error": self.state.last_error}
+        if self.fleet is None:
+            return  # no device token: the AppStore would refuse the report
         try:
             self.fleet.report(body)
         except FleetError as e:
@@ -241,15 +244,15 @@ class Sync:
 
 
 def make_sync(settings: Settings, store: Store, plans: list[PartitionPlan],
-              app_states: Callable[[], dict[str, dict[str, Any]]],
-              health: Callable[[], tuple[bool, str]]) -> Sync | None:
+              app_states: Callable[[], dict[str, AppStatus]],
+              health: Callable[[], tuple[bool, str]], link: AppStoreLink | None) -> Sync | None:
     """The sync loop's worker, or None when no AppStore is set."""
-    if not settings.appstore.url:
+    if link is None:
         return None
     root: Path | None = settings.appstore.root
     if root is None or not root.is_file():
         raise ConfigError(f"appstore.root {root} is not a file: give the trusted root.json from the AppStore")
-    return Sync(settings, store, plans, app_states, health)
+    return Sync(settings, store, plans, app_states, health, link)
 
 
 class SyncLoop:
@@ -276,7 +279,7 @@ class SyncLoop:
             await _in_thread(self.sync.run_once)
             if self.sync.state.state == "offline":
                 failures += 1
-                delay = min(self._settings.retry_max_s, 2.0 * 2 ** (failures - 1)) * (0.5 + random.random())
+                delay = Backoff(base_s=2.0, max_s=self._settings.retry_max_s).delay(failures)
             else:
                 failures = 0
                 delay = self._settings.refresh_s

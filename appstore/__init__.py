@@ -24,8 +24,9 @@ from appstore.errors import (
 from appstore.fleet import Fleet
 from appstore.layout import Expiry, Layout
 from appstore.repository import Repository
-from appstore.samples import Inbox, InboxLimits, SampleRecord
+from appstore.samples import Inbox, InboxLimits
 from formats.channel import ChannelDoc, DeviceReport, Rollout, in_rollout
+from formats.sample import SampleRecord
 
 __all__ = [
     "AppStoreError",

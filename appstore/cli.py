@@ -30,10 +30,11 @@ from appstore.errors import AppStoreError, ChannelError
 from appstore.fleet import Fleet
 from appstore.layout import Expiry
 from appstore.repository import ROOT_WARNING, Repository
-from appstore.samples import REASONS, Inbox
+from appstore.samples import Inbox
 from appstore.view import fleet_view
 from formats import FormatError
 from formats.model_card import NAME_PATTERN, VERSION_PATTERN
+from formats.sample import REASONS
 
 DEFAULT_REPO = "appstore-repo"
 

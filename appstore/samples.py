@@ -25,62 +25,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal, get_args
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any, BinaryIO
 
 from appstore.errors import BadRequest, RepoError, TooLarge
 from appstore.fleet import Fleet, SampleRow
 from appstore.layout import Layout
-from formats.errors import describe_validation_error
+from formats.errors import FormatError
+from formats.sample import REASONS, SAMPLE_ID_PATTERN, ImageInfo, SampleRecord
 
-SAMPLE_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
-Reason = Literal["near_threshold", "false_positive", "missed_detection", "random", "class"]
-REASONS: tuple[str, ...] = get_args(Reason)
+SAMPLE_ID = re.compile(SAMPLE_ID_PATTERN)
 JPEG_START = b"\xff\xd8\xff"
 _CHUNK = 1024 * 1024  # bytes copied at a time while an image is hashed and staged
-
-
-# The sample record is a wire format the appliance sends: it belongs in formats/ (formats/sample.py).
-
-class _Lenient(BaseModel):
-    # a newer appliance may send more than this AppStore knows; extra keys are kept in the file, not refused
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-
-Unit = Annotated[float, Field(ge=0, le=1)]
-
-
-class Prediction(_Lenient):
-    label: str
-    score: Unit
-    box: tuple[Unit, Unit, Unit, Unit]  # in 0..1 of the frame
-
-
-class ImageInfo(_Lenient):
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
-    size: int = Field(alias="bytes", ge=1)
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
-
-
-class SampleRecord(_Lenient):
-    """``meta``: one frame a model was unsure about or got wrong, and what it predicted there."""
-
-    schema_version: Literal[1] = Field(default=1, alias="schema")
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
-    device: str
-    site: str = ""
-    app: str = ""
-    app_version: str = ""
-    model: str = ""
-    source: str = ""
-    ts: float = Field(ge=0)  # when the frame was taken (epoch seconds)
-    reason: Reason
-    predictions: list[Prediction] = Field(default_factory=list)
-    privacy: str = ""
-    redacted: list[str] = Field(default_factory=list)
-    image: ImageInfo | None = None  # null when no pixels are sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +60,9 @@ def check_sample_id(sample_id: str) -> None:
 
 def parse_record(raw: bytes) -> SampleRecord:
     try:
-        return SampleRecord.model_validate_json(raw)
-    except ValidationError as e:
-        if any(p["type"] == "json_invalid" for p in e.errors()):
-            raise BadRequest(f"meta is not valid JSON: {e.errors()[0]['msg']}") from e
-        raise BadRequest(describe_validation_error(e, "meta", docs="docs/samples.md").replace("\n", "; ")) from e
+        return SampleRecord.parse(raw, "meta")
+    except FormatError as e:
+        raise BadRequest(str(e).replace("\n", "; ")) from e
 
 
 class Inbox:

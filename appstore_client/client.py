@@ -94,9 +94,8 @@ def _translate(e: Exception, what: str) -> CatalogError:
                                         "refused")
     if isinstance(e, exceptions.RepositoryError):
         return CatalogError("invalid", f"{what}: the AppStore's metadata does not verify ({type(e).__name__}: {e})")
-    if isinstance(e, exceptions.DownloadError):
-        cause = e.__cause__ or e
-        return CatalogError("offline", f"{what}: the AppStore cannot be reached ({type(cause).__name__}: {cause})")
+    if isinstance(e, exceptions.DownloadError):  # the fetcher's message says what failed (appstore_client.connection)
+        return CatalogError("offline", f"{what}: {e}")
     return CatalogError("invalid", f"{what}: {type(e).__name__}: {e}")
 
 

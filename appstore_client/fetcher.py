@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import re
 import threading
 import time
@@ -29,19 +28,14 @@ import urllib3
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
+from appstore_client.connection import Connection, ConnectionOptions
+from common.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+RETRY_MAX_S = 30.0  # seconds: the longest wait before resuming a download
 _CONTENT_ADDRESSED = re.compile(r"/[0-9a-f]{64}\.[^/]+$")
-
-
-@dataclass(frozen=True, slots=True)
-class TlsOptions:
-    """How to reach an AppStore over HTTPS: the CA to trust, and an optional client certificate."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
 
 
 @dataclass(slots=True)
@@ -53,18 +47,12 @@ class Progress:
 
 
 class ResumableFetcher(FetcherInterface):
-    def __init__(self, partial_dir: Path, *, timeout_s: float = 30.0, retries: int = 4, backoff_s: float = 0.5,
-                 tls: TlsOptions | None = None, user_agent: str = "edge-appliance") -> None:
+    def __init__(self, partial_dir: Path, connection: Connection | None = None, *, retries: int = 4,
+                 backoff_s: float = 0.5) -> None:
         self.partial_dir = partial_dir
-        self.timeout_s = timeout_s
+        self.connection = connection or Connection(ConnectionOptions(url=""))
         self.retries = retries
-        self.backoff_s = backoff_s
-        tls = tls or TlsOptions()
-        self._http = urllib3.PoolManager(
-            headers={"User-Agent": user_agent}, retries=False,
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            cert_file=str(tls.cert_file) if tls.cert_file else None,
-            key_file=str(tls.key_file) if tls.key_file else None)
+        self.backoff = Backoff(base_s=backoff_s, max_s=RETRY_MAX_S)
         self._lock = threading.Lock()
         self.progress: dict[str, Progress] = {}
         self.requests = 0  # HTTP requests made, and body bytes received (for the cost of a refresh)
@@ -81,11 +69,6 @@ class ResumableFetcher(FetcherInterface):
             with self._lock:
                 self.progress.pop(url, None)
 
-    @property
-    def pool(self) -> urllib3.PoolManager:
-        """The HTTP connections (with the TLS options), for the AppStore's other routes (reports)."""
-        return self._http
-
     def _partial(self, url: str) -> Path | None:
         if not _CONTENT_ADDRESSED.search(url):
             return None
@@ -95,14 +78,17 @@ class ResumableFetcher(FetcherInterface):
         headers = {"Range": f"bytes={start}-"} if start else {}
         with self._lock:
             self.requests += 1
-        response = self._http.request("GET", url, headers=headers, preload_content=False,
-                                      timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s))
+        try:
+            response = self.connection.request("GET", url, headers=headers, preload_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise exceptions.DownloadError(self.connection.describe(e)) from e
         if response.status == 416 and start:  # the partial file is already whole (or the server disagrees)
             _done_with(response)
             return self._request(url, 0)
         if response.status >= 400:
             _done_with(response)
-            raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+            raise exceptions.DownloadHTTPError(f"the AppStore answered HTTP {response.status} for {url}",
+                                               response.status)
         return response
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -143,7 +129,7 @@ class ResumableFetcher(FetcherInterface):
                     if partial is None or attempt > self.retries:
                         raise exceptions.DownloadError(f"download of {url} broke off after {have} bytes "
                                                        f"({attempt} tries): {e}") from e
-                    delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                    delay = self.backoff.delay(attempt)
                     log.warning("download of %s broke off after %d bytes (%s); resuming in %.1f s", url, have, e,
                                 delay)
                     time.sleep(delay)
@@ -174,7 +160,7 @@ class ResumableFetcher(FetcherInterface):
                     p.resumed_from = n
 
     def close(self) -> None:
-        self._http.clear()
+        self.connection.close()
 
 
 def _done_with(response: urllib3.BaseHTTPResponse) -> None:

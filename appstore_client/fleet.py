@@ -1,5 +1,6 @@
 """The appliance's side of the AppStore's fleet API: status reports and hard samples (docs/appstore.md,
-docs/samples.md), both authenticated with the device token from enrolment (settings until provisioning)."""
+docs/samples.md), both authenticated with the device token from enrolment (settings until provisioning),
+over the one :class:`~appstore_client.connection.Connection` the TUF fetcher uses too."""
 
 from __future__ import annotations
 
@@ -8,39 +9,50 @@ from typing import Any
 
 import urllib3
 
-from appstore_client.errors import FleetError
+from appstore_client.connection import Connection
+from appstore_client.errors import FleetError, Refused, Unreachable
+from formats.sample import SampleRecord
 
-__all__ = ["FleetClient", "FleetError"]
-
-TIMEOUT_S = 30.0
+__all__ = ["FleetClient", "FleetError", "Refused", "Unreachable"]
 
 
 class FleetClient:
-    def __init__(self, url: str, device_id: str, token: str, pool: urllib3.PoolManager | None = None) -> None:
-        self._base = f"{url.rstrip('/')}/v1/devices/{device_id}"
+    def __init__(self, connection: Connection, device_id: str, token: str) -> None:
+        self._conn = connection
+        self._path = f"v1/devices/{device_id}"
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._pool = pool or urllib3.PoolManager(retries=False)
 
     def report(self, body: dict[str, Any]) -> None:
         """``POST .../status``: the appliance's versions, health and last error."""
-        self._call("POST", f"{self._base}/status", body=json.dumps(body).encode(),
+        self._call("POST", f"{self._path}/status", body=json.dumps(body).encode(),
                    headers={**self._headers, "Content-Type": "application/json"})
 
-    def put_sample(self, sample_id: str, meta: dict[str, Any], image: bytes | None) -> bool:
+    def put_sample(self, record: SampleRecord, image: bytes | None) -> bool:
         """``PUT .../samples/{id}``, idempotent: True when stored now, False when the inbox already had it."""
-        fields: dict[str, Any] = {"meta": ("meta.json", json.dumps(meta).encode(), "application/json")}
+        fields: dict[str, Any] = {"meta": ("meta.json", record.to_json().encode(), "application/json")}
         if image is not None:
-            fields["image"] = (f"{sample_id}.jpg", image, "image/jpeg")
-        r = self._call("PUT", f"{self._base}/samples/{sample_id}", fields=fields, headers=self._headers)
+            fields["image"] = (f"{record.id}.jpg", image, "image/jpeg")
+        r = self._call("PUT", f"{self._path}/samples/{record.id}", fields=fields, headers=self._headers)
         return r.status == 201
 
-    def _call(self, method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    def _call(self, method: str, path: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
         try:
-            r = self._pool.request(method, url, timeout=TIMEOUT_S, **kwargs)
+            r = self._conn.request(method, path, **kwargs)
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise FleetError(f"the AppStore cannot be reached ({type(e).__name__}: {e})") from e
+            raise Unreachable(self._conn.describe(e)) from e
         if r.status >= 400:
+            reason = _reason(r.data)
             hint = " (check appstore.device_token)" if r.status in (401, 403) else ""
-            raise FleetError(f"the AppStore refused {method} {url.rsplit('/v1/', 1)[-1]}: HTTP {r.status} "
-                             f"{r.data[:200].decode(errors='replace')}{hint}")
+            raise Refused(f"the AppStore refused {method} {path}: HTTP {r.status} {reason}{hint}", r.status, reason)
         return r
+
+
+def _reason(body: bytes) -> str:
+    """The AppStore's ``{"error": "..."}``, or the start of whatever else it answered."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        return str(parsed["error"])[:500]
+    return body[:200].decode(errors="replace")

@@ -16,7 +16,7 @@ through rules. Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -80,19 +80,45 @@ class Resources(_Strict):
     prefers_gpu: bool = True
 
 
+Share = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
 class SamplePolicy(_Strict):
     """Which frames of this app are kept as hard samples for retraining (docs/samples.md); a site admin can
-    change it in the appliance's settings (``[samples.apps.NAME]``)."""
+    change it in the appliance's settings (``[samples.apps.NAME]``, a :class:`SamplePolicyOverride`)."""
 
-    near_threshold: float = Field(default=0.05, ge=0, le=1)  # score within ± this of a rule's min_score; 0: off
+    near_threshold: Share = 0.05  # score within ± this of a rule's min_score; 0: off
     false_positive: bool = True  # frames an operator marks as a false positive
     missed_detection: bool = True  # frames an operator marks as a missed detection
-    random_rate: float = Field(default=0.0, ge=0, le=1)  # share of all processed frames
+    random_rate: Share = 0.0  # share of all processed frames
     classes: list[str] = Field(default_factory=list)  # frames with a detection of these labels
-    per_minute: int = Field(default=6, ge=0)  # limits for the automatic reasons (operators' flags are not limited)
-    per_hour: int = Field(default=60, ge=0)
-    per_day: int = Field(default=500, ge=0)
-    dedup_s: float = Field(default=60.0, ge=0)  # one sample per source and label within this many seconds
+    per_minute: Count = 6  # limits for the automatic reasons (operators' flags are not limited)
+    per_hour: Count = 60
+    per_day: Count = 500
+    dedup_s: Seconds = 60.0  # one sample per source and label within this many seconds
+
+    def overridden(self, override: SamplePolicyOverride | None) -> SamplePolicy:
+        """This policy with a site's override applied: the keys the site set replace the app's."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class SamplePolicyOverride(_Strict):
+    """A site's change to an app's :class:`SamplePolicy`: the same keys, each optional (unset: the app's own).
+    An unknown key or a value out of range is an error that names it, like any other setting."""
+
+    near_threshold: Share | None = None
+    false_positive: bool | None = None
+    missed_detection: bool | None = None
+    random_rate: Share | None = None
+    classes: list[str] | None = None
+    per_minute: Count | None = None
+    per_hour: Count | None = None
+    per_day: Count | None = None
+    dedup_s: Seconds | None = None
 
 
 class AppManifest(_Strict):

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import uvicorn
@@ -22,6 +21,7 @@ from appliance.http.security import CSRF_HEADER, Console
 from appliance.http.server import build_app
 from appliance.metrics import Metrics
 from appliance.stats import Stats
+from appliance.status import AppStatus, BrokerStatus, DaemonStatus, Health
 from appliance.store import Role, Store
 from tests.conftest import wait_until
 
@@ -29,9 +29,12 @@ FAST_SCRYPT = ScryptParams(log2_n=12)  # 4 MiB per hash: the tests hash hundreds
 LOCAL = Actor("test", "local")
 
 
-def fake_status() -> dict[str, Any]:
-    return {"device": "test", "health": {"ok": True, "reason": ""}, "apps": [
-        {"name": "ppe-watch", "state": "serving", "partition": "cpu", "reason": ""}]}
+def fake_status() -> DaemonStatus:
+    return DaemonStatus(
+        device="test", version="0.0.0", uptime_s=1.0, health=Health(ok=True),
+        broker=BrokerStatus(mode="embedded", host="127.0.0.1", port=1883, protocol="3.1.1", connected=True),
+        apps=(AppStatus(name="ppe-watch", version="1.0.0", model="demo-detector@1.0.0", partition="cpu",
+                        sources=("cameras/+/frame",), state="serving", reason="", swap="", events=0),))
 
 
 @dataclass
@@ -39,7 +42,7 @@ class ApiServer:
     state_dir: Path
     host: str = "127.0.0.1"
     limits: LoginLimits = field(default_factory=LoginLimits)
-    status: Callable[[], dict[str, Any]] = fake_status
+    status: Callable[[], DaemonStatus] = fake_status
     secure_cookies: bool = False
     store: Store = field(init=False)
     accounts: Accounts = field(init=False)

@@ -23,8 +23,9 @@ from appliance import packages
 from appliance.auth import LoginLimits
 from appliance.http.api import router as api_router
 from appliance.http.security import CSRF_HEADER, SESSION_COOKIE, is_loopback
+from appliance.status import DaemonStatus
 from appliance.store import EventRecord
-from tests.apiserver import LOCAL, ApiServer
+from tests.apiserver import LOCAL, ApiServer, fake_status
 from tests.conftest import write_app
 
 ROLES = ("anonymous", "viewer", "operator", "admin")
@@ -599,6 +600,24 @@ def test_docs_and_schema_for_admins(api: ApiServer, clients: dict[str, httpx.Cli
     assert page.headers["content-type"].startswith("text/html")
     assert "/api/v1/events/{event_id}/handling" in page.text and "<script" not in page.text, "works offline"
     assert "cdn" not in page.text.lower()
+
+
+def test_status_is_described_in_the_schema(api: ApiServer, clients: dict[str, httpx.Client]) -> None:
+    schema = clients["admin"].get("/api/openapi.json").json()
+    answer = schema["paths"]["/api/v1/status"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/DaemonStatus"}
+    parts = schema["components"]["schemas"]
+    top = parts["DaemonStatus"]["properties"]
+    assert {"health", "broker", "partitions", "workers", "models", "apps", "sources", "unknown_sources", "events",
+            "appstore", "samples"} <= set(top)
+    assert {"PartitionStatus", "WorkerStatus", "ModelStatus", "AppStatus", "SourceStatus", "SyncStatus",
+            "SamplesStatus"} <= set(parts), "every part has its own schema"
+    assert parts["AppStatus"]["properties"]["state"]["enum"] == ["serving", "degraded", "disabled", "not placed"]
+    got = clients["viewer"].get("/api/v1/status").json()
+    assert DaemonStatus.model_validate(got) == fake_status(), "the answer reads back as the schema says"
+    link = clients["viewer"].get("/api/v1/appstore").json()
+    assert link["state"] == "off" and isinstance(link["subscriptions"], list)
+    assert "AppStoreOut" in parts
 
 
 def test_errors_are_json_with_what_to_do(api: ApiServer, clients: dict[str, httpx.Client]) -> None:

@@ -118,3 +118,35 @@ def test_a_disabled_app_stops_taking_its_cameras_and_takes_them_again_when_enabl
         wait_until(lambda: processed() == 2, 20, what="door served again")
     finally:
         pub.close()
+
+
+def test_hostile_telemetry_is_counted_throttled_and_leaves_the_log_readable(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+    """Deep nesting and a number of thousands of digits, under the size limit: each one is counted as
+    bad_json or bad_value, the log says so at most once a minute per source and reason, with no traceback,
+    and 200 of them do not push the real lines out of the diagnostics' last 2000."""
+    d = make_daemon(start=False)
+    install_demo_apps(d, models, tmp_path)
+    d.start()
+    wait_until(lambda: serving(d, "gas-watch"), 30, what="gas-watch serving")
+    hostile = {
+        "deep": (b'{"values": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "bad_json"),
+        "digits": (b'{"values": {"ch4": ' + b"9" * 5000 + b"}}", "bad_json"),
+        "big": (b'{"values": {"ch4": 1' + b"0" * 400 + b"}}", "bad_value"),
+        "bigts": (b'{"ts": 1' + b"0" * 400 + b', "values": {"ch4": 0.5}}', "bad_value"),
+    }
+    pub = Publisher(d.mqtt_port)
+    try:
+        for _ in range(50):
+            for source, (payload, _) in hostile.items():
+                pub.publish(f"sensors/{source}/telemetry", payload)
+        for source, (_, reason) in hostile.items():
+            wait_until(lambda s=source, r=reason: rejected(d, s, r) == 50, 30, what=f"50 of {source} as {reason}")
+        pub.publish("sensors/gas1/telemetry", json.dumps({"values": {"ch4": 0.5, "temp": 20}}).encode())
+        wait_until(lambda: (s := d.source("gas1")) and s["processed"] == 1, 20, what="the real sensor still served")
+    finally:
+        pub.close()
+    log = d.log()
+    assert "Traceback" not in log and "RecursionError" not in log
+    for source in hostile:
+        assert sum(1 for line in log.splitlines() if f"sensor {source} rejected" in line) == 1, source

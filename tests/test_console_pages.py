@@ -18,6 +18,7 @@ import pytest
 
 from appliance.console.i18n import translations
 from appliance.demo.scene import render_frame
+from appliance.status import DaemonStatus
 from appliance.store import EventRecord
 from tests.apiserver import ApiServer
 from tests.test_api import USERS, populate
@@ -27,29 +28,35 @@ ADMIN_PAGES = {"/users"}
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
 
-def status() -> dict[str, Any]:
+def status() -> DaemonStatus:
     """What the daemon reports, as the pages read it: one camera receiving, one sensor silent."""
     now = time.time()
-    return {
+    source = {"received": 10, "processed": 9, "skipped": 1, "fps_received": 4.5, "last_reject": None,
+              "last_values": {}, "rejected": {}}
+    return DaemonStatus.model_validate({
         "device": "ward-7", "version": "0.1.0", "uptime_s": 3600.0, "health": {"ok": True, "reason": ""},
-        "broker": {"mode": "embedded", "host": "127.0.0.1", "port": 1883, "connected": True},
+        "broker": {"mode": "embedded", "host": "127.0.0.1", "port": 1883, "protocol": "3.1.1", "connected": True},
         "partitions": [{"name": "cpu", "device": "cpu", "kind": "cpu", "cores": [0, 1], "memory_mb": 4000,
+                        "compute_percent": 100, "provider": "CPUExecutionProvider", "env": {},
                         "memory_used_mb": 120.0, "worker": "ready", "apps": ["ppe-watch"],
-                        "utilisation_percent": 42.0, "error": ""}],
-        "workers": [{"partition": "cpu", "state": "ready", "restarts": 0, "last_restart_reason": ""}],
+                        "utilisation_percent": 42.0, "utilisation_note": "of its cores", "error": ""}],
+        "workers": [{"partition": "cpu", "state": "ready", "pid": 4242, "threads": 2, "executors": 1, "restarts": 0,
+                     "last_restart_reason": "", "inflight": 0}],
         "models": [{"key": "demo-detector@1.0.0", "state": "ready", "reason": "", "partition": "cpu",
                     "providers": ["CPUExecutionProvider"], "memory_mb": 20.0}],
-        "apps": [{"name": "ppe-watch", "state": "serving", "partition": "cpu", "reason": ""}],
+        "apps": [{"name": "ppe-watch", "version": "1.0.0", "model": "demo-detector@1.0.0", "partition": "cpu",
+                  "sources": ["cameras/+/frame"], "state": "serving", "reason": "", "swap": "", "events": 3}],
         "sources": [
-            {"id": "cam1", "kind": "camera", "state": "receiving", "reason": "", "fps_processed": 4.0,
-             "fps_skipped": 0.5, "last_seen": now, "rejected": {}},
-            {"id": "gas1", "kind": "sensor", "state": "silent", "reason": "no data for more than 30 s",
-             "fps_processed": 0.0, "fps_skipped": 0.0, "last_seen": now - 100, "rejected": {}},
+            {**source, "id": "cam1", "kind": "camera", "state": "receiving", "reason": "", "fps_processed": 4.0,
+             "fps_skipped": 0.5, "last_seen": now},
+            {**source, "id": "gas1", "kind": "sensor", "state": "silent", "reason": "no data for more than 30 s",
+             "fps_processed": 0.0, "fps_skipped": 0.0, "last_seen": now - 100},
         ],
-        "unknown_sources": {"recent": []},
+        "unknown_sources": {"rejected": {}, "recent": []},
         "samples": {"by_reason": {"near_threshold": {"queued": 3, "uploaded": 7, "queued_bytes": 120000}},
-                    "dropped": {"random": 2}, "quota": {"bytes": 512 * 2**20, "count": 5000},
+                    "dropped": {"random": 2}, "quota": {"bytes": 512 * 2**20, "count": 5000}, "skipped_busy": 0,
                     "uploader": {"state": "retrying", "policy": "full", "redact": ["person"], "uploaded": 7,
+                                 "refused": 0, "last_refusal": "", "next_try_s": 4.0,
                                  "last_error": "the AppStore cannot be reached", "last_upload": None}},
         "appstore": {"state": "refused", "url": "http://store.test/", "channel": "stable", "group": "canary",
                      "rollout": "r8", "last_sync": now - 30, "last_error": "gas-watch: refused at install: too big",
@@ -60,7 +67,7 @@ def status() -> dict[str, Any]:
                           "description": "Helmets and vests", "model": "demo-detector@1.0.0"},
                          {"name": "fall-watch", "versions": ["0.9.0"], "latest": "0.9.0",
                           "description": "Patients who fall", "model": "demo-detector@1.0.0"}]},
-    }
+    })
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import DaemonFactory, write_app
@@ -101,3 +104,29 @@ def test_tampered_model_file_is_not_loaded(make_daemon: DaemonFactory, models: d
     assert "has changed since install" in model["reason"]
     app = d.status()["apps"][0]
     assert app["state"] == "degraded" and "changed since install" in app["reason"]
+
+
+def test_staging_folders_of_killed_installs_are_removed_and_live_ones_kept(make_daemon: DaemonFactory,
+                                                                          models: dict[str, Path]) -> None:
+    """A killed `appliance models add` leaves models/.install-*: the next install and the next start remove it;
+    a folder of an install still running (its process lives) is left alone."""
+    d = make_daemon(start=False)
+    models_dir = d.state_dir / "models"
+
+    def left_by(pid: int, name: str) -> Path:
+        folder = models_dir / f".install-{pid}-{name}"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"\0" * 1_000_000)  # half a model, never renamed into place
+        return folder
+
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # its pid is free now, like that of a killed install
+    stale, live = left_by(killed.pid, "a1"), left_by(os.getpid(), "b2")
+    d.cli("models", "add", str(models["demo-detector"]))
+    assert not stale.exists(), "an install tidies what a killed one left"
+    assert live.exists(), "an install that is still running keeps its folder"
+    again = left_by(killed.pid, "c3")
+    d.start()
+    assert not again.exists(), "the daemon tidies at start"
+    assert live.exists()
+    assert "left by an install that did not finish" in d.log()

@@ -20,16 +20,21 @@ import uvicorn
 from PIL import Image
 
 from appliance.demo.scene import render_frame
+from appliance.events import frame_file
 from appliance.runtime.results import Detection
+from appliance.samples.capture import SampleCapture
 from appliance.samples.policy import Chooser
 from appliance.samples.redact import redact
 from appliance.samples.spool import Spool
 from appliance.samples.uploader import Uploader
 from appliance.settings import SamplesSettings
-from appliance.store import Store
+from appliance.store import EventRecord, Store
 from appstore.server import build_app
+from appstore_client.connection import Connection, ConnectionOptions
+from appstore_client.errors import Refused
 from appstore_client.fleet import FleetClient
-from formats.app_manifest import AppManifest
+from formats.app_manifest import AppManifest, SamplePolicyOverride
+from formats.sample import Prediction
 from tests.conftest import DaemonFactory, Publisher, free_port, wait_until
 from tests.test_appstore import ok
 from tests.test_sync import Shop, make_shop
@@ -60,7 +65,7 @@ def spool(store: Store, tmp_path: Path, **settings: object) -> Spool:
 
 def keep(s: Spool, reason: str, source: str = "cam1") -> str | None:
     return s.capture(app="ppe-watch", app_version="1.0.0", model="demo-detector@1.0.0", source=source,
-                     reason=reason, frame=FRAME, predictions=[det("person", 0.52).to_json()])
+                     reason=reason, frame=FRAME, predictions=[det("person", 0.52).prediction()])
 
 
 # ------------------------------------------------------------------ policy
@@ -87,7 +92,7 @@ def test_near_threshold_class_and_random_with_limits_and_dedup() -> None:
 
 def test_the_site_overrides_an_apps_policy() -> None:
     app = manifest(near_threshold=0.05)
-    assert Chooser({"ppe-watch": {"near_threshold": 0.0}}).choose(app, "cam1", [det("person", 0.5)]) is None
+    assert Chooser({"ppe-watch": SamplePolicyOverride(near_threshold=0.0)}).choose(app, "cam1", [det("person", 0.5)]) is None
 
 
 # ------------------------------------------------------------------ spool
@@ -144,8 +149,8 @@ def test_orphan_files_from_a_crash_are_tidied(store: Store, tmp_path: Path) -> N
 
 
 def test_redaction_blurs_only_the_chosen_labels_regions() -> None:
-    preds = [{"label": "person", "score": 0.9, "box": [0.0, 0.0, 0.5, 0.5]},
-             {"label": "helmet", "score": 0.9, "box": [0.5, 0.5, 1.0, 1.0]}]
+    preds = [Prediction(label="person", score=0.9, box=(0.0, 0.0, 0.5, 0.5)),
+             Prediction(label="helmet", score=0.9, box=(0.5, 0.5, 1.0, 1.0))]
     out = redact(FRAME, preds, ["person"])
     with Image.open(io.BytesIO(FRAME)) as a, Image.open(io.BytesIO(out)) as b:
         before, after = a.convert("L"), b.convert("L")
@@ -178,7 +183,7 @@ def device(shop: Shop, name: str = "dev-1") -> str:
 
 def uploader(store: Store, s: Spool, shop: Shop, token: str, url: str | None = None, **settings: object) -> Uploader:
     cfg = SamplesSettings.model_validate({"upload_interval_s": 0.2, "retry_max_s": 1.0, **settings})
-    return Uploader(s, store, cfg, FleetClient(url or shop.url, "dev-1", token))
+    return Uploader(s, store, cfg, FleetClient(Connection(ConnectionOptions(url or shop.url)), "dev-1", token))
 
 
 @pytest.fixture
@@ -327,3 +332,99 @@ def test_an_operators_false_positive_becomes_a_sample_with_the_clean_frame(make_
     assert by["false_positive"]["queued"] == 1, by
     [kept] = list((d.state_dir / "samples").glob("*.jpg"))
     assert kept.read_bytes() == FRAME, "the clean frame as it arrived, not the annotated snapshot"
+
+
+# ------------------------------------------------------------------ what users really produce, through the inbox
+
+
+def classifier_manifest() -> AppManifest:
+    return AppManifest.model_validate({
+        "schema": 1, "name": "defect-watch", "version": "1.0.0", "model": {"name": "demo-classifier", "version": "1.0.0"},
+        "sources": ["cameras/+/frame"], "rules": [{"name": "r", "labels": ["scratch"], "min_score": 0.6}],
+        "samples": {"near_threshold": 0.1, "dedup_s": 0}})
+
+
+def test_every_kind_of_sample_users_produce_arrives_in_the_real_inbox(store: Store, tmp_path: Path,
+                                                                      shop: Shop) -> None:
+    """An operator's missed detection (no box), a false positive, a classification app's near-threshold sample
+    (no box) and one with several detections: the inbox takes every one of them."""
+    s = spool(store, tmp_path, min_free_bytes=0)
+    capture = SampleCapture(s, store, tmp_path, {})
+    missed = capture.flag_frame("cam1", FRAME, "person without helmet")
+    snapshot = "snapshots/2026-12-01/e1.jpg"
+    (tmp_path / frame_file(snapshot)).parent.mkdir(parents=True)
+    (tmp_path / frame_file(snapshot)).write_bytes(FRAME)
+    event = EventRecord(id="e1", ts=1.0, app="ppe-watch", source="cam2", rule="r", label="person", score=0.91,
+                        box=(0.1, 0.2, 0.3, 0.6), snapshot=snapshot)
+    false_positive = capture.flag_event(event, "false_positive")
+    unsure = Detection(label="scratch", score=0.55)  # a classifier's top class: no location
+    chosen = Chooser({}).choose(classifier_manifest(), "cam3", [unsure])
+    assert chosen is not None and chosen[0] == "near_threshold"
+    classified = s.capture(app="defect-watch", app_version="1.0.0", model="demo-classifier@1.0.0", source="cam3",
+                           reason=chosen[0], frame=FRAME, predictions=[unsure.prediction()])
+    crowd = s.capture(app="ppe-watch", app_version="1.0.0", model="demo-detector@1.0.0", source="cam4",
+                      reason="near_threshold", frame=FRAME,
+                      predictions=[det("person", 0.52).prediction(), det("helmet", 0.9).prediction(),
+                                   Detection("vest", 0.48, (0.0, 0.0, 1.0, 1.0)).prediction()])
+    ids = {missed, false_positive, classified, crowd}
+    assert None not in ids and len(ids) == 4
+
+    up = uploader(store, s, shop, device(shop), upload="full")
+    assert up.run_once() == 4, up.state
+    received = {x["meta"]["id"]: x["meta"] for x in inbox(shop)}
+    assert set(received) == ids, "all four arrived"
+    assert received[missed]["reason"] == "missed_detection" and received[missed]["predictions"] == [
+        {"label": "person without helmet", "score": 0.0, "box": None}]
+    assert received[false_positive]["predictions"][0]["box"] == [0.1, 0.2, 0.3, 0.6]
+    assert received[classified]["predictions"] == [{"label": "scratch", "score": 0.55, "box": None}]
+    assert [p["label"] for p in received[crowd]["predictions"]] == ["person", "helmet", "vest"]
+    assert up.state.refused == 0 and not store.queued_samples(10)
+
+
+def test_a_record_the_inbox_refuses_is_set_aside_and_the_queue_moves_on(store: Store, tmp_path: Path,
+                                                                       shop: Shop) -> None:
+    """A malformed record at the head of the queue (an operator's report, the highest priority) does not
+    stop the ones behind it: it is marked refused with the AppStore's reason, counted and not sent again."""
+    s = spool(store, tmp_path, min_free_bytes=0)
+    behind = {keep(s, "near_threshold", source=f"cam{i}") for i in range(3)}
+    # the head of the queue: a record the AppStore refuses (it names another device than the one sending it)
+    bad = SampleCapture(Spool(store, s._settings, tmp_path / "samples", "someone-else"), store, tmp_path, {}) \
+        .flag_frame("cam9", FRAME, "person")
+    assert bad is not None and store.queued_samples(1)[0].id == bad, "the bad one is first in line"
+
+    up = uploader(store, s, shop, device(shop), upload="full")
+    up.start()
+    try:
+        wait_until(lambda: not store.queued_samples(10), 30, what="the queue emptied")
+    finally:
+        up.stop()
+    assert {x["meta"]["id"] for x in inbox(shop)} == behind, "every good sample arrived; the bad one did not"
+    assert up.state.refused == 1 and "someone-else" in up.state.last_refusal
+    [refused] = [r for r in store.recent_samples(10) if r.id == bad]
+    assert refused.state == "refused" and "a device sends only its own samples" in refused.refused_reason
+    assert store.sample_counts()["by_reason"]["missed_detection"]["refused"] == 1
+    assert not s.path(bad).exists(), "its frame left the disk"
+    assert up.run_once() == 0 and len(inbox(shop)) == 3, "never sent again"
+
+
+def test_a_transient_refusal_is_retried_not_set_aside(store: Store, tmp_path: Path, shop: Shop) -> None:
+    """A wrong device token (401) is the AppStore's word on the link, not on the record: it waits and retries."""
+    s = spool(store, tmp_path, min_free_bytes=0)
+    keep(s, "near_threshold")
+    up = uploader(store, s, shop, "not-a-token", upload="full")
+    with pytest.raises(Refused) as caught:
+        up.run_once()
+    assert caught.value.status == 401 and not caught.value.permanent
+    assert len(store.queued_samples(10)) == 1 and up.state.refused == 0, "still queued, not set aside"
+
+
+def test_a_lowered_quota_is_applied_at_start(store: Store, tmp_path: Path) -> None:
+    big = spool(store, tmp_path, min_free_bytes=0)
+    kept = [keep(big, "random", source=f"cam{i}") for i in range(4)] + [keep(big, "false_positive")]
+    assert None not in kept and len(store.queued_samples(10)) == 5
+    small = spool(store, tmp_path, min_free_bytes=0, quota_count=2)
+    small.tidy()  # what the daemon does at start
+    left = {r.id for r in store.queued_samples(10)}
+    assert len(left) == 2 and kept[-1] in left, "the operator's flag stays; the random ones go first"
+    assert sorted(p.stem for p in (tmp_path / "samples").glob("*.jpg")) == sorted(left), "their frames left too"
+    assert store.sample_counts()["dropped"] == {"random": 3}

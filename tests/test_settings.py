@@ -51,3 +51,28 @@ def test_bad_toml_is_reported_with_the_file(tmp_path: Path) -> None:
     f.write_text("[broker\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(f, environ={})
+
+
+def test_a_typo_in_a_sites_sample_override_stops_the_start_naming_key_and_file(tmp_path: Path) -> None:
+    """`per_mintue = 5` would otherwise load, then break the app's first result and with it every alert."""
+    f = tmp_path / "site.toml"
+    f.write_text("[samples.apps.ppe-watch]\nper_mintue = 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, environ={})
+    assert "samples.apps.ppe-watch.per_mintue" in str(e.value) and str(f) in str(e.value)
+    assert "unknown key" in str(e.value)
+    f.write_text("[samples.apps.ppe-watch]\nnear_threshold = 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f, environ={})
+    assert "samples.apps.ppe-watch.near_threshold" in str(e.value) and "less than or equal to 1" in str(e.value)
+
+
+def test_a_sites_sample_override_changes_only_the_keys_it_sets(tmp_path: Path) -> None:
+    from formats.app_manifest import SamplePolicy
+
+    f = tmp_path / "site.toml"
+    f.write_text('[samples.apps.ppe-watch]\nper_minute = 5\nclasses = ["forklift"]\n')
+    override = load_settings(f, environ={}).samples.apps["ppe-watch"]
+    policy = SamplePolicy(near_threshold=0.1).overridden(override)
+    assert (policy.per_minute, policy.classes, policy.near_threshold, policy.per_hour) == (5, ["forklift"], 0.1, 60)
+    assert set(type(override).model_fields) == set(SamplePolicy.model_fields), "every policy key can be overridden"

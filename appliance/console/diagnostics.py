@@ -20,6 +20,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.settings import Settings
+from appliance.status import DaemonStatus
 from appliance.store import Store
 
 REDACTED = "<redacted>"
@@ -50,10 +51,10 @@ def _versions() -> dict[str, Any]:
             "packages": found}
 
 
-def build_bundle(settings: Settings, store: Store, status: Callable[[], dict[str, Any]],
+def build_bundle(settings: Settings, store: Store, status: Callable[[], DaemonStatus],
                  logs: Callable[[], list[str]], hardware: Callable[[], dict[str, Any]]) -> bytes:
     files: dict[str, str] = {
-        "status.json": json.dumps(status(), indent=1, default=str),
+        "status.json": status().model_dump_json(indent=1),
         "settings.json": json.dumps(redact(settings.model_dump(mode="json")), indent=1),
         "logs.txt": "\n".join(logs()) + "\n",
         "audit.json": json.dumps([{"ts": a.ts, "actor": a.actor, "action": a.action, "detail": dict(a.detail),

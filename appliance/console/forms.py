@@ -178,7 +178,7 @@ async def diagnostics(who: PageOperator, request: Request) -> Response:
     await run_in_threadpool(ctx.store.audit, who.name, "diagnostics.download", {"bytes": len(data)},
                             client_address(request))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    device = re.sub(r"[^A-Za-z0-9._-]", "_", str(ctx.status().get("device") or "appliance"))[:64]
+    device = re.sub(r"[^A-Za-z0-9._-]", "_", ctx.status().device or "appliance")[:64]
     return Response(data, media_type="application/zip", headers={
         "content-disposition": f'attachment; filename="diagnostics-{device}-{stamp}.zip"',
         "cache-control": "no-store"})

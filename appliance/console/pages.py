@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -19,6 +19,7 @@ from appliance.console.charts import sparkline
 from appliance.console.web import PageAdmin, PageViewer, back, localizer, render, safe_next
 from appliance.http.models import AppOut
 from appliance.http.security import console, optional_user
+from appliance.status import DaemonStatus
 from appliance.store import EventRecord, HandlingRecord, NotFound
 from appstore_client.client import version_key
 
@@ -30,27 +31,18 @@ ALERTS_PAGE = 50
 PERIODS: dict[str, float] = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 
 
-def daemon_status(request: Request) -> dict[str, Any]:
-    """The daemon's status (``appliance status``), with every part a page reads present."""
-    status = dict(console(request).status())
-    for key in ("partitions", "workers", "models", "apps", "sources"):
-        status.setdefault(key, [])
-    status.setdefault("health", {"ok": True, "reason": ""})
-    status.setdefault("unknown_sources", {"recent": []})
-    status.setdefault("broker", {"mode": "", "host": "", "port": 0, "connected": False})
-    for key in ("device", "version", "uptime_s"):
-        status.setdefault(key, None)
-    return status
+def daemon_status(request: Request) -> DaemonStatus:
+    """The daemon's status (``appliance status``)."""
+    return console(request).status()
 
 
-def health(status: dict[str, Any]) -> tuple[str, str]:
+def health(status: DaemonStatus) -> tuple[str, str]:
     """green / amber / red and the reason in words (English; the template translates the headline)."""
-    if not status["health"]["ok"]:
-        return "red", status["health"]["reason"]
-    problems = [f"app {a['name']}: {a['reason']}" for a in status["apps"] if a.get("state") in ("degraded", "not placed")]
-    problems += [f"partition {p['name']}: {p['error']}" for p in status["partitions"] if p.get("error")]
-    problems += [f"{s['kind']} {s['id']} is {s['state']}: {s['reason']}" for s in status["sources"]
-                 if s.get("state") != "receiving"]
+    if not status.health.ok:
+        return "red", status.health.reason
+    problems = [f"app {a.name}: {a.reason}" for a in status.apps if a.state in ("degraded", "not placed")]
+    problems += [f"partition {p.name}: {p.error}" for p in status.partitions if p.error]
+    problems += [f"{s.kind} {s.id} is {s.state}: {s.reason}" for s in status.sources if s.state != "receiving"]
     if problems:
         return "amber", "; ".join(problems)
     return "green", ""
@@ -79,8 +71,8 @@ def alerts(who: PageViewer, request: Request, app: Text = "", source: Text = "",
     found = ctx.store.recent_events(limit=ALERTS_PAGE, app=app or None, source=source or None,
                                     label=label or None, since=since)
     status = daemon_status(request)
-    choices = {"apps": sorted(a["name"] for a in status["apps"]),
-               "sources": sorted(str(s["id"]) for s in status["sources"]),
+    choices = {"apps": sorted(a.name for a in status.apps),
+               "sources": sorted(s.id for s in status.sources),
                "labels": sorted({e.label for e in ctx.store.recent_events(limit=500)})}
     filters = {"app": app, "source": source, "label": label, "period": period}
     return render(request, "alerts.html", who, alerts=_with_handling(request, found), filters=filters,
@@ -102,16 +94,16 @@ def sources(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
     status = daemon_status(request)
     charts: dict[str, list[tuple[str, str, float]]] = {}
-    for s in status["sources"]:
-        if s["kind"] == "sensor":
-            trend = ctx.stats.trend(str(s["id"])) if ctx.stats else []
+    for s in status.sources:
+        if s.kind == "sensor":
+            trend = ctx.stats.trend(s.id) if ctx.stats else []
             channels = sorted({k for _, values in trend for k in values})
-            charts[str(s["id"])] = [(c, sparkline([(t, v[c]) for t, v in trend if c in v]),
-                                     trend[-1][1].get(c, float("nan"))) for c in channels]
-    cameras = [s for s in status["sources"] if s["kind"] == "camera"]
-    sensors = [s for s in status["sources"] if s["kind"] == "sensor"]
+            charts[s.id] = [(c, sparkline([(t, v[c]) for t, v in trend if c in v]),
+                             trend[-1][1].get(c, float("nan"))) for c in channels]
+    cameras = [s for s in status.sources if s.kind == "camera"]
+    sensors = [s for s in status.sources if s.kind == "sensor"]
     return render(request, "sources.html", who, cameras=cameras, sensors=sensors, charts=charts,
-                  unknown=status["unknown_sources"]["recent"], now=time.time())
+                  unknown=status.unknown_sources.recent, now=time.time())
 
 
 @router.get("/sources/{source_id}/frame.jpg")
@@ -129,28 +121,27 @@ def source_frame(source_id: str, who: PageViewer, request: Request) -> Response:
 def apps(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
     status = daemon_status(request)
-    runtime = {str(a["name"]): a for a in status["apps"]}
+    runtime = {a.name: a for a in status.apps}
     installed = [AppOut.of(a, runtime.get(a.name)) for a in ctx.store.list_apps()]
-    return render(request, "apps.html", who, apps=installed, models=status["models"], partitions=status["partitions"])
+    return render(request, "apps.html", who, apps=installed, models=status.models, partitions=status.partitions)
 
 
 @router.get("/store", response_class=HTMLResponse)
 def store(who: PageViewer, request: Request) -> Response:
     """The AppStore's catalog: what is published, what runs here, what could be updated."""
     ctx = console(request)
-    status = daemon_status(request)
-    link = status.get("appstore") or {"state": "off"}
+    link = daemon_status(request).appstore
     installed = {a.name: a.version for a in ctx.store.list_apps()}
     subscribed = set(ctx.store.subscriptions())
     rows = []
-    for item in link.get("catalog") or []:
-        name = str(item["name"])
+    for item in link.catalog:
+        name = item.name
         mine = installed.get(name)
-        desired = (link.get("desired") or {}).get(name)
-        rows.append({**item, "installed": mine, "subscribed": name in subscribed, "desired": desired,
+        desired = link.desired.get(name)
+        rows.append({**item.model_dump(), "installed": mine, "subscribed": name in subscribed, "desired": desired,
                      "from_channel": desired is not None and name not in subscribed,
-                     "update": mine is not None and mine != item["latest"] and item["latest"] not in ("", mine)
-                     and version_key(item["latest"]) > version_key(mine)})
+                     "update": mine is not None and mine != item.latest and item.latest not in ("", mine)
+                     and version_key(item.latest) > version_key(mine)})
     return render(request, "store.html", who, link=link, rows=rows)
 
 
@@ -158,7 +149,7 @@ def store(who: PageViewer, request: Request) -> Response:
 def samples(who: PageViewer, request: Request) -> Response:
     """Hard samples: counts by reason and state, drops, the upload state and the privacy policy in force."""
     ctx = console(request)
-    info = daemon_status(request).get("samples") or {}
+    info = daemon_status(request).samples
     recent = [(r, json.loads(r.meta_json)) for r in ctx.store.recent_samples(24)]
     return render(request, "samples.html", who, info=info, recent=recent)
 
@@ -181,7 +172,7 @@ def system(who: PageViewer, request: Request) -> Response:
     audit = ctx.store.recent_audit(limit=100) if who.allows("admin") else []
     level, reason = health(status)
     return render(request, "system.html", who, status=status, disk=disk, audit=audit, level=level, reason=reason,
-                  link=status.get("appstore") or {"state": "off"})
+                  link=status.appstore)
 
 
 @router.get("/users", response_class=HTMLResponse)

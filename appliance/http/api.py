@@ -19,6 +19,7 @@ from appliance import actions
 from appliance.auth import NotASession, Principal
 from appliance.http.models import (
     AppOut,
+    AppStoreOut,
     AuditOut,
     ErrorOut,
     EventOut,
@@ -45,6 +46,7 @@ from appliance.http.security import (
     console,
     set_session_cookie,
 )
+from appliance.status import AppStatus, DaemonStatus
 from appliance.store import NotFound
 
 _errors: dict[int | str, dict[str, Any]] = {
@@ -65,8 +67,8 @@ EventId = Annotated[str, PathParam(min_length=1, max_length=64)]
 Name = Annotated[str, PathParam(min_length=1, max_length=64)]
 
 
-def _runtime_apps(request: Request) -> dict[str, dict[str, Any]]:
-    return {str(a["name"]): a for a in console(request).status().get("apps", [])}
+def _runtime_apps(request: Request) -> dict[str, AppStatus]:
+    return {a.name: a for a in console(request).status().apps}
 
 
 def _app_out(request: Request, name: str) -> AppOut:
@@ -125,8 +127,9 @@ def change_password(body: PasswordChange, who: Viewer, request: Request) -> None
 
 
 @router.get("/status", tags=["status"])
-def status(who: Viewer, request: Request) -> dict[str, Any]:
-    """The daemon's state: health, broker, partitions, workers, models, apps, sources (what `appliance status` shows)."""
+def status(who: Viewer, request: Request) -> DaemonStatus:
+    """The daemon's state: health, broker, partitions, workers, models, apps, sources, the AppStore link and the
+    samples (what `appliance status` shows)."""
     return console(request).status()
 
 
@@ -219,13 +222,11 @@ def rollback_app(name: Name, who: Admin, request: Request) -> AppOut:
 
 
 @router.get("/appstore", tags=["appstore"])
-def appstore(who: Viewer, request: Request) -> dict[str, Any]:
+def appstore(who: Viewer, request: Request) -> AppStoreOut:
     """The AppStore link: state, channel, rollout, last sync and error, what is desired, refused and
     downloading, the published catalog, and the site's subscriptions."""
     ctx = console(request)
-    link = dict(ctx.status().get("appstore") or {"state": "off"})
-    link["subscriptions"] = ctx.store.subscriptions()
-    return link
+    return AppStoreOut(**dict(ctx.status().appstore), subscriptions=ctx.store.subscriptions())
 
 
 @router.put("/appstore/subscriptions/{name}", status_code=204, tags=["appstore"])

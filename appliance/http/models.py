@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.auth import PasswordPolicy
+from appliance.status import AppStatus, SyncStatus
 from appliance.store import (
     AppRecord,
     AuditRecord,
@@ -159,14 +160,19 @@ class AppOut(BaseModel):
     reason: str
 
     @classmethod
-    def of(cls, a: AppRecord, runtime: dict[str, Any] | None) -> AppOut:
+    def of(cls, a: AppRecord, runtime: AppStatus | None) -> AppOut:
         manifest = json.loads(a.manifest_json)
         previous = json.loads(a.previous_manifest_json)["version"] if a.previous_manifest_json else None
-        runtime = runtime or {}
         return cls(name=a.name, version=a.version, model=a.model_key, enabled=a.enabled,
                    installed_at=a.installed_at, sources=list(manifest.get("sources", [])),
-                   previous_version=previous, state=runtime.get("state"), partition=runtime.get("partition"),
-                   reason=str(runtime.get("reason", "")))
+                   previous_version=previous, state=runtime.state if runtime else None,
+                   partition=runtime.partition if runtime else None, reason=runtime.reason if runtime else "")
+
+
+class AppStoreOut(SyncStatus):
+    """The AppStore link as status shows it, and the apps this site subscribed to."""
+
+    subscriptions: list[str] = Field(description="apps whose newest version is installed beside the channel's")
 
 
 class AuditOut(BaseModel):

@@ -38,6 +38,7 @@ from appliance.auth import (
 from appliance.console.live import LiveFeed
 from appliance.samples.capture import SampleCapture
 from appliance.stats import Stats
+from appliance.status import DaemonStatus
 from appliance.store import Role, Store
 
 SESSION_COOKIE = "appliance_session"
@@ -60,7 +61,7 @@ class Console:
     store: Store
     accounts: Accounts
     snapshots_dir: Path  # event snapshots are served from here and from nowhere else
-    status: Callable[[], dict[str, Any]]
+    status: Callable[[], DaemonStatus]
     secure_cookies: bool  # the server runs under TLS: cookies are marked Secure
     stats: Stats | None = None  # cameras' latest frames and sensors' trends, for the console's Sources page
     live: LiveFeed = field(default_factory=LiveFeed)  # new events, for the console's live alert list

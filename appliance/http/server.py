@@ -29,6 +29,7 @@ from appliance.http.docs import render_docs
 from appliance.http.errors import install_error_handler
 from appliance.http.security import ROLE_OF, Admin, Console, client_address, is_loopback
 from appliance.metrics import Metrics
+from appliance.status import DaemonStatus
 
 _HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"same-origin")]
@@ -57,7 +58,7 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def build_app(status: Callable[[], dict[str, Any]], metrics: Metrics, healthy: Callable[[], tuple[bool, str]],
+def build_app(status: Callable[[], DaemonStatus], metrics: Metrics, healthy: Callable[[], tuple[bool, str]],
               console: Console | None = None) -> FastAPI:
     """The server; without ``console`` (no store) it serves only the monitoring routes and ``/api/status``."""
     app = FastAPI(title="Edge appliance", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -74,7 +75,7 @@ def build_app(status: Callable[[], dict[str, Any]], metrics: Metrics, healthy: C
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/api/status", include_in_schema=False)
-    def api_status(request: Request) -> dict[str, Any]:
+    def api_status(request: Request) -> DaemonStatus:
         if not is_loopback(client_address(request)):
             raise PermissionDenied("/api/status answers on the appliance itself only (for `appliance status`); "
                                    "from elsewhere log in and use /api/v1/status")

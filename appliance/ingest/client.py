@@ -23,9 +23,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from appliance.logs import ThrottledLog
 from appliance.settings import BrokerSettings
+from appliance.status import BrokerStatus
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +66,7 @@ class MqttClient:
         self._v5 = settings.mqtt_version == "5"
         self._subs: dict[str, list[MessageCallback]] = {}
         self._lock = threading.Lock()
+        self.handler_errors = 0  # messages whose handler raised (logged once a minute per kind of topic and error)
         self._connected = threading.Event()
         self._on_connection_change = on_connection_change
         self._started = False
@@ -93,6 +97,10 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def status(self) -> BrokerStatus:
+        s = self._settings
+        return BrokerStatus(mode=s.mode, host=s.host, port=s.port, protocol=s.mqtt_version, connected=self.connected)
 
     def start(self) -> None:
         """Begin connecting in the background; reconnects on its own with backoff."""
@@ -196,8 +204,11 @@ class MqttClient:
         for cb in callbacks:
             try:
                 cb(msg)
-            except Exception:  # one bad handler must not kill the network thread
-                log.exception("handler for %s failed", msg.topic)
+            except Exception as e:  # noqa: BLE001 - one bad handler must not kill the network thread, nor flood the log
+                self.handler_errors += 1
+                where = "/".join(msg.topic.split("/")[:1])  # per kind of topic, never per (attacker-chosen) id
+                _throttled.error((where, type(e).__name__), "handler for %s failed: %s: %s", msg.topic[:200],
+                                 type(e).__name__, e, exc_info=e)
 
 
 def tcp_no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

@@ -59,20 +59,42 @@ def parse_telemetry(payload: bytes, limit: int) -> tuple[float | None, dict[str,
         doc = json.loads(payload, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Rejected("bad_json", f"telemetry is not valid JSON ({e}); expected {{\"ts\": ..., \"values\": {{...}}}}") from e
+    except RecursionError as e:
+        raise Rejected("bad_json", "telemetry is nested too deeply to read; send a flat "
+                                   '{"ts": ..., "values": {"name": number}}') from e
+    except ValueError as e:  # e.g. an integer of thousands of digits (Python's int_max_str_digits)
+        raise Rejected("bad_json", f"telemetry cannot be read as JSON ({e}); send numbers of ordinary size") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict) or not doc["values"]:
         raise Rejected("bad_json", 'telemetry must be an object with a non-empty "values" object, '
                                    'e.g. {"ts": 1732000000.5, "values": {"ch4": 0.8}}')
     values: dict[str, float] = {}
     for name, value in doc["values"].items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Rejected("bad_value", f"channel {name!r} has {value!r}; values must be numbers")
-        if not math.isfinite(value):
-            raise Rejected("bad_value", f"channel {name!r} is {value}; values must be finite")
-        values[str(name)] = float(value)
+            raise Rejected("bad_value", f"channel {str(name)[:64]!r} has {_short(value)}; values must be numbers")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise Rejected("bad_value", f"channel {str(name)[:64]!r} is {_short(value)}; values must be finite")
+        values[str(name)] = number
     ts = doc.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
-        raise Rejected("bad_value", f'"ts" is {ts!r}; it must be epoch seconds')
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not _finite(ts)):
+        raise Rejected("bad_value", f'"ts" is {_short(ts)}; it must be epoch seconds')
     return (float(ts) if ts is not None else None), values
+
+
+def _finite(number: float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: object) -> str:
+    """A value for a message: an attacker's megabyte-long list or thousand-digit number is cut."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a number too large"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Ingest:

@@ -49,8 +49,8 @@ from typing import Final, Literal
 from appliance.errors import ConfigError
 from appliance.runtime.inventory import Gpu, Inventory, MigDevice, format_cores
 from appliance.settings import PartitionSettings
+from appliance.status import PartitionKind
 
-PartitionKind = Literal["cpu", "gpu", "mig", "slice"]
 Providers = tuple[tuple[str, dict[str, str]], ...]
 
 # A GPU worker's ONNX Runtime threads only run the few nodes left on the CPU and feed the GPU; two keep a

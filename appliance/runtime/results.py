@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from formats.sample import Prediction
+
 
 @dataclass(frozen=True)  # no slots: it crosses the worker's pipe, see appliance.runtime.messages
 class Detection:
@@ -19,3 +21,9 @@ class Detection:
 
     def to_json(self) -> dict[str, object]:
         return {"label": self.label, "score": round(self.score, 4), "box": None if self.box is None else [round(v, 4) for v in self.box]}
+
+    def prediction(self) -> Prediction:
+        """This finding as a hard sample records it (formats.sample)."""
+        box = None if self.box is None else (round(self.box[0], 4), round(self.box[1], 4), round(self.box[2], 4),
+                                             round(self.box[3], 4))
+        return Prediction(label=self.label, score=round(self.score, 4), box=box)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Any
 
 from appliance.runtime.messages import (
     ImageJob,
@@ -37,7 +37,11 @@ from appliance.runtime.messages import (
 )
 from appliance.runtime.worker import current_slots, worker_main
 from appliance.settings import RuntimeSettings
+from appliance.status import ModelState as ModelStateName
+from appliance.status import ModelStatus, WorkerStatus
+from appliance.status import WorkerState as WorkerStateName
 from appliance.tasks import cancel_and_wait
+from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ WATCHDOG_INTERVAL_S = 0.25
 HEALTHY_RESET_S = 60.0  # a worker that ran this long resets the restart backoff
 STOP_TIMEOUT_S = 5.0
 
-ModelStateName = Literal["loading", "ready", "failed", "quarantined"]
-WorkerStateName = Literal["starting", "ready", "restarting", "stopped"]
 
 
 class WorkerLost(Exception):
@@ -98,7 +100,9 @@ class WorkerSupervisor:
         self.executors = config.executors  # jobs the worker runs at once
         self.restarts = 0
         self.last_restart_reason = ""
-        self._backoff = settings.restart_backoff_min_s
+        # no jitter: one local process, nothing to spread out
+        self._backoff = Backoff(settings.restart_backoff_min_s, settings.restart_backoff_max_s, jitter=0.0)
+        self._failures = 0  # restarts in a row, with less than HEALTHY_RESET_S of service between them
         self._started_at = 0.0
         self._kill_reason: str | None = None
         self._kill_culprits: list[str] = []
@@ -236,6 +240,21 @@ class WorkerSupervisor:
             cb()
         self._on_change()
 
+    def status(self) -> WorkerStatus:
+        return WorkerStatus(partition=self.config.partition, state=self.state, pid=self.pid, threads=self.threads,
+                            executors=self.executors, restarts=self.restarts,
+                            last_restart_reason=self.last_restart_reason, inflight=self.inflight())
+
+    def model_status(self) -> list[ModelStatus]:
+        """The models this worker holds or is loading, by key."""
+        return [ModelStatus(key=k, state=m.state, reason=m.reason, providers=m.providers,
+                            partition=self.config.partition, memory_mb=round(m.memory_mb, 1))
+                for k, m in sorted(self.models.items())]
+
+    def memory_used_mb(self) -> float:
+        """What the ready models measured at load."""
+        return sum(m.memory_mb for m in self.models.values() if m.state == "ready")
+
     def ready_models(self) -> set[str]:
         return {k for k, s in self.models.items() if s.state == "ready"}
 
@@ -332,9 +351,9 @@ class WorkerSupervisor:
         self.state = "restarting"
         self._conn = None
         if time.monotonic() - self._started_at > HEALTHY_RESET_S:
-            self._backoff = self._settings.restart_backoff_min_s
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, self._settings.restart_backoff_max_s)
+            self._failures = 0
+        self._failures += 1
+        delay = self._backoff.delay(self._failures)
         log.error("worker %s lost: %s; restarting in %.1f s (restart #%d)", self.config.partition, reason, delay,
                   self.restarts)
         self._on_restart(reason)

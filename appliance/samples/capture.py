@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from appliance.events import frame_file
 from appliance.ingest.ingest import Frame
+from appliance.logs import ThrottledLog
 from appliance.runtime.results import Detection
 from appliance.samples.policy import Chooser, effective_policy
 from appliance.samples.spool import Spool
+from appliance.status import SampleCounts, SampleQuota, SamplesStatus, UploaderStatus
 from appliance.store import EventRecord, Store
-from formats.app_manifest import AppManifest
+from formats.app_manifest import AppManifest, SamplePolicyOverride
+from formats.sample import Prediction, Reason
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)
 
 MAX_PENDING = 4
 
 
 class SampleCapture:
-    def __init__(self, spool: Spool, store: Store, state_dir: Path, overrides: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, spool: Spool, store: Store, state_dir: Path,
+                 overrides: Mapping[str, SamplePolicyOverride]) -> None:
         self.spool = spool
         self._store = store
         self._state_dir = state_dir
@@ -35,7 +41,15 @@ class SampleCapture:
         self._chooser = Chooser(overrides)
         self._pending = 0
         self.skipped_busy = 0
+        self.failed = 0  # samples the spool could not write (logged once a minute per cause)
         self.on_captured: list[Any] = []  # callables, e.g. waking the uploader
+
+    def status(self, uploader: UploaderStatus, quota: SampleQuota) -> SamplesStatus:
+        """The samples part of status: what the spool holds and dropped, by reason, and the upload's state."""
+        counts = self._store.sample_counts()
+        return SamplesStatus(by_reason={r: SampleCounts(**c) for r, c in counts["by_reason"].items()},
+                             dropped=dict(counts["dropped"]), uploader=uploader, skipped_busy=self.skipped_busy,
+                             quota=quota)
 
     def on_result(self, manifest: AppManifest, frame: Frame, detections: list[Detection]) -> None:
         if frame.kind != "camera":
@@ -51,16 +65,19 @@ class SampleCapture:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, lambda: self._keep(
             manifest.name, manifest.version, manifest.model.key, frame.source, reason, frame.data,
-            [d.to_json() for d in detections], frame.captured))
+            [d.prediction() for d in detections], frame.captured))
         future.add_done_callback(self._done)
 
     def _done(self, future: asyncio.Future[str | None]) -> None:
         self._pending -= 1
-        if future.exception() is not None:
-            log.error("could not keep a sample: %s", future.exception())
+        error = future.exception()
+        if error is not None:
+            self.failed += 1
+            _throttled.error(("keep", type(error).__name__), "could not keep a sample: %s: %s", type(error).__name__,
+                             error)
 
-    def _keep(self, app: str, app_version: str, model: str, source: str, reason: str, frame: bytes,
-              predictions: list[dict[str, Any]], ts: float | None) -> str | None:
+    def _keep(self, app: str, app_version: str, model: str, source: str, reason: Reason, frame: bytes,
+              predictions: list[Prediction], ts: float | None) -> str | None:
         sample_id = self.spool.capture(app=app, app_version=app_version, model=model, source=source, reason=reason,
                                        frame=frame, predictions=predictions, ts=ts)
         if sample_id is not None:
@@ -68,9 +85,9 @@ class SampleCapture:
                 callback()
         return sample_id
 
-    def flag_event(self, event: EventRecord, reason: str) -> str | None:
+    def flag_event(self, event: EventRecord, reason: Literal["false_positive", "missed_detection"]) -> str | None:
         """An operator marked an alert a false positive or a missed detection: keep its clean frame."""
-        if reason not in ("false_positive", "missed_detection") or not event.snapshot:
+        if not event.snapshot:
             return None
         frame_path = self._state_dir / frame_file(event.snapshot)
         if not frame_path.is_file():
@@ -79,11 +96,11 @@ class SampleCapture:
         manifest = AppManifest.parse(app.manifest_json.encode(), event.app) if app is not None else None
         if manifest is not None and not getattr(effective_policy(manifest, self._overrides), reason):
             return None  # the app's policy does not keep these
-        prediction = {"label": event.label, "score": event.score, "box": list(event.box) if event.box else None}
+        prediction = Prediction.model_validate({"label": event.label, "score": event.score, "box": event.box})
         return self._keep(event.app, manifest.version if manifest else "", manifest.model.key if manifest else "",
                           event.source, reason, frame_path.read_bytes(), [prediction], event.ts)
 
     def flag_frame(self, source: str, frame: bytes, label: str) -> str | None:
         """An operator saw something on a camera's latest frame that no app flagged."""
         return self._keep("(reported)", "", "", source, "missed_detection", frame,
-                          [{"label": label or "missed", "score": 0.0, "box": None}], None)
+                          [Prediction(label=label or "missed", score=0.0)], None)

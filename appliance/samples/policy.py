@@ -11,29 +11,25 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Literal
 
 from appliance.runtime.results import Detection
-from formats.app_manifest import AppManifest, SamplePolicy
+from formats.app_manifest import AppManifest, SamplePolicy, SamplePolicyOverride
+from formats.sample import Reason
 
-Reason = Literal["false_positive", "missed_detection", "near_threshold", "class", "random"]
 PRIORITY: dict[str, int] = {"random": 0, "class": 1, "near_threshold": 2, "false_positive": 3,
                             "missed_detection": 3}
 WINDOWS = (("per_minute", 60.0), ("per_hour", 3600.0), ("per_day", 86400.0))
 
 
-def effective_policy(manifest: AppManifest, overrides: Mapping[str, Mapping[str, Any]]) -> SamplePolicy:
-    """The app's own policy with the site's ``[samples.apps.NAME]`` overrides applied (checked again)."""
-    local = overrides.get(manifest.name)
-    if not local:
-        return manifest.samples
-    return SamplePolicy.model_validate({**manifest.samples.model_dump(), **local})
+def effective_policy(manifest: AppManifest, overrides: Mapping[str, SamplePolicyOverride]) -> SamplePolicy:
+    """The app's own policy with the site's ``[samples.apps.NAME]`` override applied."""
+    return manifest.samples.overridden(overrides.get(manifest.name))
 
 
 class Chooser:
     """Decides, per result, whether to keep the frame and why; remembers limits and recent samples."""
 
-    def __init__(self, overrides: Mapping[str, Mapping[str, Any]], rng: random.Random | None = None) -> None:
+    def __init__(self, overrides: Mapping[str, SamplePolicyOverride], rng: random.Random | None = None) -> None:
         self._overrides = overrides
         self._rng = rng or random.Random()  # sampling, not security
         self._taken: dict[str, deque[float]] = {}  # app -> when its automatic samples were taken (a day's)

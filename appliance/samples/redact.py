@@ -7,16 +7,14 @@ from collections.abc import Iterable, Sequence
 
 from PIL import Image, ImageFilter
 
+from formats.sample import Prediction
+
 BLUR_RADIUS_FRACTION = 0.06  # of the region's larger side: faces and bodies become unrecognisable
 
 
-def redact(jpeg: bytes, predictions: Iterable[dict[str, object]], labels: Sequence[str], quality: int = 90) -> bytes:
+def redact(jpeg: bytes, predictions: Iterable[Prediction], labels: Sequence[str], quality: int = 90) -> bytes:
     """``jpeg`` with every predicted box of ``labels`` blurred (boxes in 0..1 of the frame); as is if none."""
-    boxes: list[Sequence[float]] = []
-    for p in predictions:
-        box = p.get("box")
-        if p.get("label") in labels and isinstance(box, (list, tuple)) and len(box) == 4:
-            boxes.append([float(v) for v in box])
+    boxes = [p.box for p in predictions if p.label in labels and p.box is not None]
     if not boxes:
         return jpeg
     with Image.open(io.BytesIO(jpeg)) as im:

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from appliance.events import write_atomically
 from appliance.samples.policy import PRIORITY
 from appliance.settings import SamplesSettings
-from appliance.store import SampleRecord, Store
+from appliance.store import SpooledSample, Store
+from formats.sample import ImageInfo, Prediction, Reason, SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class Spool:
     def path(self, sample_id: str) -> Path:
         return self.folder / f"{sample_id}.jpg"
 
-    def capture(self, *, app: str, app_version: str, model: str, source: str, reason: str, frame: bytes,
-                predictions: list[dict[str, Any]], ts: float | None = None) -> str | None:
+    def capture(self, *, app: str, app_version: str, model: str, source: str, reason: Reason, frame: bytes,
+                predictions: Sequence[Prediction], ts: float | None = None) -> str | None:
         """Keep ``frame`` as a sample; its id, or None when it was not kept (no room, or not an image)."""
         s = self._settings
         if shutil.disk_usage(self.folder).free < s.min_free_bytes:
@@ -57,14 +57,12 @@ class Spool:
             return None
         sample_id = uuid.uuid4().hex
         when = ts or time.time()
-        meta: dict[str, Any] = {"schema": 1, "id": sample_id, "device": self._device, "site": s.site, "app": app,
-                "app_version": app_version, "model": model, "source": source, "ts": when,
-                "reason": reason, "predictions": predictions,
-                "image": {"sha256": hashlib.sha256(jpeg).hexdigest(), "bytes": len(jpeg), "width": width,
-                          "height": height}}
+        meta = SampleRecord(id=sample_id, device=self._device, site=s.site, app=app, app_version=app_version,
+                            model=model, source=source, ts=when, reason=reason, predictions=list(predictions),
+                            image=image_info(jpeg, width, height))
         write_atomically(self.path(sample_id), jpeg)
-        record = SampleRecord(sample_id, when, app, source, reason, PRIORITY.get(reason, 0), len(jpeg),
-                              json.dumps(meta))
+        record = SpooledSample(sample_id, when, app, source, reason, PRIORITY.get(reason, 0), len(jpeg),
+                               meta.to_json())
         kept, dropped = self._store.add_sample(record, s.quota_bytes, s.quota_count)
         for victim in dropped:
             self.path(victim).unlink(missing_ok=True)
@@ -85,15 +83,30 @@ class Spool:
         self._store.sample_uploaded(sample_id)
         self.path(sample_id).unlink(missing_ok=True)
 
+    def refused(self, sample_id: str, reason: str) -> None:
+        """The AppStore refused the record as malformed: never sent again; the row keeps its reason (a week)."""
+        self._store.sample_refused(sample_id, reason)
+        self.path(sample_id).unlink(missing_ok=True)
+
     def tidy(self) -> None:
-        """Remove frames no index row knows (a crash between write and index) and old uploaded rows."""
-        known = self._store.sample_ids()
+        """At start: apply the quota (it may have been lowered since), then remove frames no queued index row
+        knows (a crash between write and index), half-written files and old uploaded or refused rows."""
+        s = self._settings
+        dropped = self._store.enforce_sample_quota(s.quota_bytes, s.quota_count)
+        if dropped:
+            log.info("%d queued samples dropped to fit the quota (%d MB, %d samples)", len(dropped),
+                     s.quota_bytes // 2**20, s.quota_count)
+        known = self._store.queued_sample_ids()
         for f in self.folder.glob("*.jpg"):
             if f.stem not in known:
                 f.unlink(missing_ok=True)
         for f in self.folder.glob(".*.tmp"):
             f.unlink(missing_ok=True)
         self._store.prune_uploaded_samples(time.time() - UPLOADED_KEPT_S)
+
+
+def image_info(jpeg: bytes, width: int, height: int) -> ImageInfo:
+    return ImageInfo(sha256=hashlib.sha256(jpeg).hexdigest(), bytes=len(jpeg), width=width, height=height)
 
 
 def _normalise(frame: bytes, max_side: int, quality: int) -> tuple[bytes, int, int]:

@@ -9,31 +9,36 @@ is answered "duplicate" and never stored twice. Failures back off exponentially 
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from PIL import Image
 
+from appliance.logs import ThrottledLog
 from appliance.samples.redact import redact
-from appliance.samples.spool import Spool
+from appliance.samples.spool import Spool, image_info
 from appliance.settings import SamplesSettings
-from appliance.store import SampleRecord, Store
-from appstore_client.fleet import FleetClient, FleetError
+from appliance.status import UploaderStatus
+from appliance.store import SpooledSample, Store
+from appstore_client.errors import FleetError, Refused
+from appstore_client.fleet import FleetClient
+from common.backoff import Backoff
+from formats.errors import FormatError
+from formats.sample import SampleRecord
 
 log = logging.getLogger(__name__)
+_throttled = ThrottledLog(log)
 
 
 @dataclass(slots=True)
 class UploadState:
     state: str = "off"  # off, idle, uploading, retrying, no AppStore
     uploaded: int = 0  # since the daemon started
+    refused: int = 0  # since the daemon started: records the AppStore refused as malformed (not sent again)
+    last_refusal: str = ""  # the AppStore's reason for the last one
     last_upload: float | None = None
     last_error: str = ""
     next_try_s: float | None = None
@@ -54,8 +59,9 @@ class Uploader:
         else:
             self.state.state = "idle"
 
-    def snapshot(self) -> dict[str, Any]:
-        return {**asdict(self.state), "policy": self._settings.upload, "redact": list(self._settings.redact_labels)}
+    def status(self) -> UploaderStatus:
+        return UploaderStatus(**asdict(self.state), policy=self._settings.upload,
+                              redact=tuple(self._settings.redact_labels))
 
     def start(self) -> None:
         if self.state.state in ("off", "no AppStore"):
@@ -82,7 +88,7 @@ class Uploader:
                 self.state.state = "idle"
             except (FleetError, OSError) as e:
                 failures += 1
-                delay = min(self._settings.retry_max_s, 1.0 * 2 ** (failures - 1)) * (0.5 + random.random())
+                delay = Backoff(base_s=1.0, max_s=self._settings.retry_max_s).delay(failures)
                 self.state.state, self.state.last_error = "retrying", str(e)
                 log.warning("sample upload failed (%s); trying again in %.1f s", e, delay)
             self.state.next_try_s = round(delay, 1)
@@ -98,7 +104,16 @@ class Uploader:
             if self._stop.is_set():
                 break
             self.state.state = "uploading"
-            self._send(sample)
+            try:
+                self._send(sample)
+            except Refused as e:
+                if not e.permanent:
+                    raise  # authentication, rate or size limits: the same record may pass later
+                self._refuse(sample, e.reason)
+                continue
+            except FormatError as e:  # a spooled record this version cannot read: sending it cannot help
+                self._refuse(sample, str(e))
+                continue
             self._spool.uploaded(sample.id)
             sent += 1
             self.state.uploaded += 1
@@ -106,25 +121,31 @@ class Uploader:
             self.state.last_error = ""
         return sent
 
-    def _send(self, sample: SampleRecord) -> None:
+    def _refuse(self, sample: SpooledSample, reason: str) -> None:
+        """A malformed record is set aside with its reason, counted and shown; the queue moves on."""
+        self._spool.refused(sample.id, reason)
+        self.state.refused += 1
+        self.state.last_refusal = reason
+        _throttled.warning(("refused", sample.app, sample.reason), "sample %s of %s (%s) refused by the AppStore "
+                           "and set aside, not sent again: %s", sample.id, sample.app, sample.reason, reason)
+
+    def _send(self, sample: SpooledSample) -> None:
         assert self._fleet is not None
-        meta = json.loads(sample.meta_json)
-        image = self._spool.image(sample.id) if self._settings.upload == "full" else None
-        if image is not None and self._settings.redact_labels:
-            image = redact(image, meta.get("predictions", []), self._settings.redact_labels,
-                           self._settings.jpeg_quality)
-            meta["redacted"] = list(self._settings.redact_labels)
+        s = self._settings
+        record = SampleRecord.parse(sample.meta_json.encode(), f"spooled sample {sample.id}")
+        image = self._spool.image(sample.id) if s.upload == "full" else None
+        redacted: list[str] = []
+        if image is not None and s.redact_labels:
+            image = redact(image, record.predictions, s.redact_labels, s.jpeg_quality)
+            redacted = list(s.redact_labels)
+        info = None
         if image is not None:
             with Image.open(io.BytesIO(image)) as im:
-                width, height = im.size
-            meta["image"] = {"sha256": hashlib.sha256(image).hexdigest(), "bytes": len(image), "width": width,
-                             "height": height}
-        else:
-            meta["image"] = None
-        meta["privacy"] = self._settings.upload
-        self._throttle(len(json.dumps(meta)) + len(image or b""))
+                info = image_info(image, *im.size)
+        record = record.model_copy(update={"image": info, "privacy": s.upload, "redacted": redacted})
+        self._throttle(len(record.to_json()) + len(image or b""))
         self._store.sample_attempted(sample.id)
-        self._fleet.put_sample(sample.id, meta, image)  # a duplicate answer also means delivered
+        self._fleet.put_sample(record, image)  # a duplicate answer also means delivered
 
     def _throttle(self, size: int) -> None:
         kbps = self._settings.bandwidth_kbps

@@ -74,9 +74,9 @@ from appliance.store.records import (
     Language,
     ModelRecord,
     Role,
-    SampleRecord,
     SessionRecord,
     SourceRecord,
+    SpooledSample,
     TokenRecord,
     UserRecord,
     app_from_row,
@@ -398,42 +398,34 @@ class Store:
 
     # hard samples: the spool's index (the frames are files beside it, see appliance.samples.spool)
 
-    def add_sample(self, sample: SampleRecord, quota_bytes: int, quota_count: int) -> tuple[bool, list[str]]:
+    def add_sample(self, sample: SpooledSample, quota_bytes: int, quota_count: int) -> tuple[bool, list[str]]:
         """Queue ``sample`` within the quota, dropping lower-value queued samples first (lowest priority,
         then oldest). Returns whether it was kept, and the ids dropped (their files are the caller's to
         delete); every drop is counted by reason."""
 
         def write(db: Database) -> tuple[bool, list[str]]:
-            dropped: list[tuple[str, str]] = []
-            total, count = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM samples "
-                                      "WHERE state = 'queued'").fetchone()
-            kept = True
-            while total + sample.bytes > quota_bytes or count + 1 > quota_count:
-                victim = db.execute("SELECT id, reason, bytes, priority FROM samples WHERE state = 'queued' "
-                                    "ORDER BY priority, ts LIMIT 1").fetchone()
-                if victim is None or victim[3] > sample.priority:
-                    kept = False  # everything queued is worth more than this one
-                    dropped.append((sample.id, sample.reason))
-                    break
-                db.execute("DELETE FROM samples WHERE id = ?", (victim[0],))
-                dropped.append((victim[0], victim[1]))
-                total, count = total - victim[2], count - 1
+            kept, dropped = _make_room(db, quota_bytes, quota_count, sample.bytes, sample.priority)
             if kept:
                 db.execute("INSERT INTO samples (id, ts, app, source, reason, priority, bytes, meta_json) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (sample.id, sample.ts, sample.app, sample.source, sample.reason, sample.priority,
                             sample.bytes, sample.meta_json))
-            for _, reason in dropped:
-                _count_drop(db, reason)
-            return kept, [i for i, _ in dropped if i != sample.id]
+            else:
+                _count_drop(db, sample.reason)
+            return kept, dropped
 
         return self._write(write)
+
+    def enforce_sample_quota(self, quota_bytes: int, quota_count: int) -> list[str]:
+        """Drop the least valuable queued samples until the queue fits the quota (a lowered quota, at start);
+        the ids dropped, whose files are the caller's to delete. Every drop is counted by reason."""
+        return self._write(lambda db: _make_room(db, quota_bytes, quota_count, 0, None)[1])
 
     def sample_dropped(self, reason: str) -> None:
         """Count a sample that was not kept at all (no room on the disk)."""
         self._write(lambda db: _count_drop(db, reason))
 
-    def queued_samples(self, limit: int) -> list[SampleRecord]:
+    def queued_samples(self, limit: int) -> list[SpooledSample]:
         """The next samples to upload: the most valuable first, then the oldest."""
         rows = self._read(lambda db: _rows(db, "SELECT * FROM samples WHERE state = 'queued' "
                                                "ORDER BY priority DESC, ts LIMIT ?", (limit,)))
@@ -442,6 +434,11 @@ class Store:
     def sample_uploaded(self, sample_id: str) -> None:
         self._write(lambda db: db.execute("UPDATE samples SET state = 'uploaded', uploaded = ?, "
                                           "attempts = attempts + 1 WHERE id = ?", (time.time(), sample_id)))
+
+    def sample_refused(self, sample_id: str, reason: str) -> None:
+        """The AppStore refused the record as malformed: it is not sent again; the reason is kept for the page."""
+        self._write(lambda db: db.execute("UPDATE samples SET state = 'refused', refused_reason = ?, "
+                                          "attempts = attempts + 1 WHERE id = ?", (reason, sample_id)))
 
     def sample_attempted(self, sample_id: str) -> None:
         self._write(lambda db: db.execute("UPDATE samples SET attempts = attempts + 1 WHERE id = ?",
@@ -454,7 +451,7 @@ class Store:
             by: dict[str, dict[str, int]] = {}
             for reason, state, n, size in db.execute(
                     "SELECT reason, state, COUNT(*), COALESCE(SUM(bytes), 0) FROM samples GROUP BY reason, state"):
-                entry = by.setdefault(reason, {"queued": 0, "uploaded": 0, "queued_bytes": 0})
+                entry = by.setdefault(reason, {"queued": 0, "uploaded": 0, "refused": 0, "queued_bytes": 0})
                 entry[state] = n
                 if state == "queued":
                     entry["queued_bytes"] = size
@@ -463,15 +460,18 @@ class Store:
 
         return self._read(read)
 
-    def recent_samples(self, limit: int = 50) -> list[SampleRecord]:
+    def recent_samples(self, limit: int = 50) -> list[SpooledSample]:
         rows = self._read(lambda db: _rows(db, "SELECT * FROM samples ORDER BY ts DESC LIMIT ?", (limit,)))
         return [sample_from_row(r) for r in rows]
 
-    def sample_ids(self) -> set[str]:
-        return {str(r["id"]) for r in self._read(lambda db: _rows(db, "SELECT id FROM samples", ()))}
+    def queued_sample_ids(self) -> set[str]:
+        """The samples whose frames are still on disk (uploaded and refused ones have left it)."""
+        return {str(r["id"]) for r in self._read(lambda db: _rows(db, "SELECT id FROM samples WHERE state = 'queued'",
+                                                                  ()))}
 
     def prune_uploaded_samples(self, older_than_ts: float) -> int:
-        return self._write(lambda db: db.execute("DELETE FROM samples WHERE state = 'uploaded' AND uploaded < ?",
+        return self._write(lambda db: db.execute("DELETE FROM samples WHERE state IN ('uploaded', 'refused') "
+                                                 "AND COALESCE(uploaded, ts) < ?",
                                                  (older_than_ts,)).rowcount)
 
     # subscriptions: apps from the AppStore that the site asked for, beside its channel's
@@ -872,3 +872,29 @@ def _check_json(text: str, what: str) -> None:
 def _count_drop(db: Database, reason: str) -> None:
     db.execute("INSERT INTO sample_drops (reason, count) VALUES (?, 1) "
                "ON CONFLICT (reason) DO UPDATE SET count = count + 1", (reason,))
+
+
+def _make_room(db: Database, quota_bytes: int, quota_count: int, size: int,
+               priority: int | None) -> tuple[bool, list[str]]:
+    """Drop queued samples, least valuable (lowest priority, then oldest) first, until one more of ``size``
+    bytes fits (``size`` 0 and ``priority`` None: until the queue itself fits). Never drops one worth more
+    than ``priority``: then the newcomer is not kept. Returns (room made, ids dropped); drops are counted."""
+    total, count = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM samples "
+                              "WHERE state = 'queued'").fetchone()
+    extra = 0 if priority is None else 1
+    if priority is not None:
+        cheaper_bytes, cheaper = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM samples "
+                                            "WHERE state = 'queued' AND priority <= ?", (priority,)).fetchone()
+        if total - cheaper_bytes + size > quota_bytes or count - cheaper + 1 > quota_count:
+            return False, []  # everything it could displace is not room enough: nothing is dropped for it
+    dropped: list[str] = []
+    while total + size > quota_bytes or count + extra > quota_count:
+        victim = db.execute("SELECT id, reason, bytes, priority FROM samples WHERE state = 'queued' "
+                            "ORDER BY priority, ts LIMIT 1").fetchone()
+        if victim is None:
+            break
+        db.execute("DELETE FROM samples WHERE id = ?", (victim[0],))
+        _count_drop(db, victim[1])
+        dropped.append(victim[0])
+        total, count = total - victim[2], count - 1
+    return True, dropped

@@ -189,12 +189,37 @@ CREATE TABLE sample_drops (
 );
 """
 
+# A sample the AppStore refused as malformed is kept in the index with the AppStore's reason (SQLite cannot
+# alter a CHECK constraint, so the table is rebuilt, as its documentation's twelve steps describe)
+_V6 = """
+CREATE TABLE samples_v6 (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    app TEXT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    meta_json TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'uploaded', 'refused')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    uploaded REAL,
+    refused_reason TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO samples_v6 (id, ts, app, source, reason, priority, bytes, meta_json, state, attempts, uploaded)
+    SELECT id, ts, app, source, reason, priority, bytes, meta_json, state, attempts, uploaded FROM samples;
+DROP TABLE samples;
+ALTER TABLE samples_v6 RENAME TO samples;
+CREATE INDEX samples_queue ON samples (state, priority, ts);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
     Migration(3, _V3, "users, API tokens, sessions, event handling, audit_log.address"),
     Migration(4, _V4, "subscriptions: AppStore apps the site asked for"),
     Migration(5, _V5, "hard samples: the spool's index and its drops"),
+    Migration(6, _V6, "samples the AppStore refused, with its reason"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -301,7 +301,7 @@ def handling_from_row(row: Mapping[str, Any]) -> HandlingRecord:
 
 
 @dataclass(slots=True, frozen=True)
-class SampleRecord:
+class SpooledSample:
     """A hard sample in the spool: its metadata as sent (``meta_json``), and the bytes of its frame file."""
 
     id: str
@@ -312,13 +312,14 @@ class SampleRecord:
     priority: int  # what is dropped last when the spool is full: operators' flags > near threshold > random
     bytes: int
     meta_json: str
-    state: str = "queued"
+    state: str = "queued"  # queued, uploaded, refused (the AppStore said the record is malformed)
     attempts: int = 0
     uploaded: float | None = None
+    refused_reason: str = ""  # the AppStore's answer, when refused
 
 
-def sample_from_row(row: Mapping[str, Any]) -> SampleRecord:
-    return SampleRecord(id=str(row["id"]), ts=float(row["ts"]), app=str(row["app"]), source=str(row["source"]),
+def sample_from_row(row: Mapping[str, Any]) -> SpooledSample:
+    return SpooledSample(id=str(row["id"]), ts=float(row["ts"]), app=str(row["app"]), source=str(row["source"]),
                         reason=str(row["reason"]), priority=int(row["priority"]), bytes=int(row["bytes"]),
                         meta_json=str(row["meta_json"]), state=str(row["state"]), attempts=int(row["attempts"]),
-                        uploaded=row["uploaded"])
+                        uploaded=row["uploaded"], refused_reason=str(row["refused_reason"]))
