@@ -16,7 +16,6 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import uvicorn
 
@@ -50,11 +49,10 @@ from appliance.stats import Stats
 from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus
 from appliance.store import Store
 from appliance.sync import SyncLoop, make_sync
+from appliance.tasks import threadsafe
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-THREADSAFE_TIMEOUT_S = 10.0  # a call from another thread onto the loop gives up after this
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
 MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the models to load
@@ -196,7 +194,7 @@ class Daemon:
             self._every(UTILISATION_S, self.partitions.sample_cpu, "utilisation"),
         ]
         self.uploader.start()
-        sync = make_sync(s, store, self.plans, self._threadsafe(self._app_states), self._threadsafe(self.healthy),
+        sync = make_sync(s, store, self.plans, threadsafe(self._app_states), threadsafe(self.healthy),
                          self.appstore)
         if sync is not None:
             self.sync_loop = SyncLoop(sync, s)
@@ -258,18 +256,6 @@ class Daemon:
 
     def _app_states(self) -> dict[str, AppStatus]:
         return {a.name: a for a in (self.pipeline.app_status() if self.pipeline else [])}
-
-    def _threadsafe(self, fn: Callable[[], T]) -> Callable[[], T]:
-        """``fn`` run on the daemon's loop, callable from another thread (the AppStore sync's)."""
-
-        async def call() -> T:
-            return fn()
-
-        def wrapper() -> T:
-            assert self._loop is not None
-            return asyncio.run_coroutine_threadsafe(call(), self._loop).result(THREADSAFE_TIMEOUT_S)
-
-        return wrapper
 
     def _every(self, period: float, fn: Callable[[], Awaitable[object]], name: str) -> asyncio.Task[None]:
         async def loop() -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from appliance import __version__, packages
 from appliance.appstore_link import AppStoreLink
@@ -39,6 +39,7 @@ from appliance.settings import Settings
 from appliance.status import AppStatus, CatalogApp, Download, SyncStatus
 from appliance.status import SyncState as SyncStateName
 from appliance.store import Store
+from appliance.tasks import in_daemon_thread
 from appstore_client.client import AppStore, Catalog
 from appstore_client.errors import CatalogError, FleetError
 from appstore_client.fetcher import ResumableFetcher
@@ -49,7 +50,6 @@ from formats.errors import FormatError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 ACTOR = "appstore-sync"
 SYNC = Actor(ACTOR, "appstore")  # in the audit log: installs, rollbacks and refusals of the sync
 
@@ -276,7 +276,7 @@ class SyncLoop:
         self._loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            await _in_thread(self.sync.run_once)
+            await in_daemon_thread(self.sync.run_once, "appstore-sync")
             if self.sync.state.state == "offline":
                 failures += 1
                 delay = Backoff(base_s=2.0, max_s=self._settings.retry_max_s).delay(failures)
@@ -287,29 +287,3 @@ class SyncLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), delay)
             self._nudge.clear()
-
-
-def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return  # the awaiting task was cancelled (the daemon is stopping)
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        result: T | None = None
-        error: BaseException | None = None
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=work, name="appstore-sync", daemon=True).start()
-    return future
