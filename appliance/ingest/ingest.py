@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance.errors import FrameRejected
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.logs import ThrottledLog
 from appliance.runtime.processing import sniff_image
@@ -36,51 +37,44 @@ class Frame:
     values: dict[str, float] | None = None  # sensor: channel -> value
 
 
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 def _mb(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MB"
 
 
 def parse_telemetry(payload: bytes, limit: int) -> tuple[float | None, dict[str, float]]:
-    """``{"ts": 1732000000.5, "values": {"ch4": 0.8}}`` -> (ts, values); raises Rejected."""
+    """``{"ts": 1732000000.5, "values": {"ch4": 0.8}}`` -> (ts, values); raises FrameRejected."""
     if len(payload) > limit:
-        raise Rejected("too_large", f"telemetry is {len(payload)} bytes, the limit is {limit} (ingest.max_telemetry_bytes)")
+        raise FrameRejected("too_large", f"telemetry is {len(payload)} bytes, the limit is {limit} (ingest.max_telemetry_bytes)")
 
     def no_constants(name: str) -> float:
-        raise Rejected("bad_value", f"telemetry contains {name}; send finite numbers only")
+        raise FrameRejected("bad_value", f"telemetry contains {name}; send finite numbers only")
 
     try:
         doc = json.loads(payload, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Rejected("bad_json", f"telemetry is not valid JSON ({e}); expected {{\"ts\": ..., \"values\": {{...}}}}") from e
+        raise FrameRejected("bad_json", f"telemetry is not valid JSON ({e}); expected {{\"ts\": ..., \"values\": {{...}}}}") from e
     except RecursionError as e:
-        raise Rejected("bad_json", "telemetry is nested too deeply to read; send a flat "
-                                   '{"ts": ..., "values": {"name": number}}') from e
+        raise FrameRejected("bad_json", "telemetry is nested too deeply to read; send a flat "
+                                        '{"ts": ..., "values": {"name": number}}') from e
     except ValueError as e:  # e.g. an integer of thousands of digits (Python's int_max_str_digits)
-        raise Rejected("bad_json", f"telemetry cannot be read as JSON ({e}); send numbers of ordinary size") from e
+        raise FrameRejected("bad_json", f"telemetry cannot be read as JSON ({e}); send numbers of ordinary size") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("values"), dict) or not doc["values"]:
-        raise Rejected("bad_json", 'telemetry must be an object with a non-empty "values" object, '
-                                   'e.g. {"ts": 1732000000.5, "values": {"ch4": 0.8}}')
+        raise FrameRejected("bad_json", 'telemetry must be an object with a non-empty "values" object, '
+                                        'e.g. {"ts": 1732000000.5, "values": {"ch4": 0.8}}')
     values: dict[str, float] = {}
     for name, value in doc["values"].items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Rejected("bad_value", f"channel {str(name)[:64]!r} has {_short(value)}; values must be numbers")
+            raise FrameRejected("bad_value", f"channel {str(name)[:64]!r} has {_short(value)}; values must be numbers")
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise Rejected("bad_value", f"channel {str(name)[:64]!r} is {_short(value)}; values must be finite")
+            raise FrameRejected("bad_value", f"channel {str(name)[:64]!r} is {_short(value)}; values must be finite")
         values[str(name)] = number
     ts = doc.get("ts")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not _finite(ts)):
-        raise Rejected("bad_value", f'"ts" is {_short(ts)}; it must be epoch seconds')
+        raise FrameRejected("bad_value", f'"ts" is {_short(ts)}; it must be epoch seconds')
     return (float(ts) if ts is not None else None), values
 
 
@@ -179,7 +173,7 @@ class Ingest:
             return
         try:
             ts, values = parse_telemetry(msg.payload, self._settings.ingest.max_telemetry_bytes)
-        except Rejected as e:
+        except FrameRejected as e:
             self.reject(source, "sensor", e.reason, e.detail)
             return
         self._stats.values(source, values, ts or msg.received)

@@ -18,12 +18,13 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile
 
+from appliance.errors import FrameRejected, RejectReason
 from appliance.runtime.results import Detection
 from formats.model_card import (
     BoxesOutput,
@@ -47,8 +48,6 @@ __all__ = [
     "vector_from_telemetry",
 ]
 
-RejectReason = Literal["not_an_image", "corrupt_image", "image_too_large", "bad_telemetry"]
-
 LETTERBOX_FILL = 114  # grey used by Ultralytics for letterbox padding
 RESIZE_REDUCING_GAP = 3.0  # see Pillow's Image.resize
 MAX_NMS_CANDIDATES = 30_000  # boxes above threshold considered by NMS, best first (bounds its cost)
@@ -57,22 +56,6 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 F32 = npt.NDArray[np.float32]
-
-
-class FrameRejected(Exception):
-    """The frame (or telemetry message) cannot be used; ``detail`` says what was wrong and what to do."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason: RejectReason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
-
-    def __reduce__(self) -> tuple[type[FrameRejected], tuple[RejectReason, str]]:
-        # the default reduce would call FrameRejected(detail) and fail across a process boundary
-        return (FrameRejected, (self.reason, self.detail))
 
 
 # --- decoding ------------------------------------------------------------------------------------
