@@ -4,9 +4,14 @@ store's new tables."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from appliance.auth import (
@@ -25,7 +30,9 @@ from appliance.auth import (
     needs_rehash,
     verify_password,
 )
+from appliance.http.security import SESSION_COOKIE
 from appliance.store import EventRecord, LastAdmin, NotFound, Store, UserExists
+from tests.apiserver import ApiServer
 
 FAST = ScryptParams(log2_n=10)
 CLI = Actor("cli", "local")
@@ -81,7 +88,7 @@ def test_password_policy(password: str, why: str) -> None:
 
 def test_password_policy_accepts_a_pass_phrase() -> None:
     check_password("night shift on ward 7", "ward-sister")
-    check_password("an ok phrase", "a"), "a one-letter name is not looked for inside the password"
+    check_password("an ok phrase", "a")  # a one-letter name is not looked for inside the password
 
 
 # ---- rate limits ------------------------------------------------------------------------------------------
@@ -115,15 +122,162 @@ def test_limiter_success_forgets_only_the_users_own_failures() -> None:
         limiter.check("nurse", "10.0.0.7")  # the address's count was not reset by the success
 
 
-def test_limiter_per_user_across_addresses_and_memory_bound() -> None:
-    limiter = LoginLimiter(LoginLimits(per_user=3, max_tracked=30), Clock())
+def test_limiter_holds_back_only_addresses_that_failed_for_a_guessed_name() -> None:
+    clock = Clock(100.0)
+    limiter = LoginLimiter(LoginLimits(window_s=300, per_user=3, guessed_window_s=900), clock)
     for i in range(3):
         limiter.failed("boss", f"10.0.0.{i}")
-    with pytest.raises(TooManyAttempts, match="for 'boss'"):
-        limiter.check("boss", "10.0.0.99")
-    for i in range(100):
-        limiter.failed(f"random{i}", f"10.1.{i}.1")
-    assert len(limiter._failures) <= 30
+    limiter.check("boss", "10.0.0.99")  # an address that never failed for the name still reaches the password check
+    limiter.check("doctor", "10.0.0.0")  # the same address for another name
+    with pytest.raises(TooManyAttempts, match="for 'boss' from 10.0.0.0 while that name is being guessed") as e:
+        limiter.check("boss", "10.0.0.0")
+    assert e.value.cause == "user" and e.value.retry_after_s == 300, "until the guessing from everywhere ages out"
+    clock.now += 200
+    limiter.failed("boss", "10.0.0.99")  # the guessing goes on: the name stays guessed past the first window
+    limiter.failed("boss", "10.0.0.98")
+    limiter.failed("boss", "10.0.0.97")
+    clock.now += 150
+    with pytest.raises(TooManyAttempts, match="being guessed") as e:
+        limiter.check("boss", "10.0.0.0")  # its own failure is 350 s old: out of the window, held all the same
+    assert e.value.retry_after_s == 300 - 150
+    clock.now += 150
+    limiter.check("boss", "10.0.0.0")  # the guessing stopped: back to the plain budget
+
+
+def test_limiter_memory_is_bounded_and_expires() -> None:
+    clock = Clock(100.0)
+    limiter = LoginLimiter(LoginLimits(window_s=300, guessed_window_s=900, max_tracked=30), clock)
+    for i in range(1000):
+        limiter.failed(f"random{i}", f"10.1.{i // 250}.{i % 250}")
+    assert limiter.tracked() <= 3 * 30
+    for i in range(200):
+        limiter.failed("boss", f"10.2.0.{i}")  # one name from many addresses: its count keeps the newest only
+    assert len(limiter._user._times["boss"]) == limiter.limits.per_user
+    clock.now += 901
+    limiter.failed("nurse", "10.0.0.7")
+    assert limiter.tracked() == 3, "what aged out of its window is dropped"
+
+
+def test_limiter_begin_counts_before_the_check_of_the_password() -> None:
+    limiter = LoginLimiter(LoginLimits(per_user_address=3, per_address=20), Clock())
+    attempts = [limiter.begin("nurse", "10.0.0.7") for _ in range(3)]
+    assert [a.failures for a in attempts] == [1, 2, 3]
+    with pytest.raises(TooManyAttempts) as e:
+        limiter.begin("nurse", "10.0.0.7")  # concurrent guesses are counted before any hash is done
+    assert e.value.cause == "user+address"
+    limiter.withdraw(attempts[-1])  # that one was the right password
+    assert limiter.begin("nurse", "10.0.0.7").failures == 3
+
+
+def test_limits_refuse_a_zero_that_would_refuse_everyone() -> None:
+    with pytest.raises(ValueError, match="per_user_address_guessed must be at least 1"):
+        LoginLimits(per_user_address_guessed=0)
+
+
+# ---- rate limits over real HTTP, with the attacker on loopback aliases (127.0.0.0/8 is all loopback) -----
+
+
+@dataclass
+class Door:
+    """The real HTTP app with the default limits, on a clock the test moves instead of sleeping, and a
+    client per source address (each bound to its loopback alias)."""
+
+    api: ApiServer
+    clock: Clock
+    clients: dict[str, httpx.Client] = field(default_factory=dict)
+
+    def login(self, address: str, user: str, password: str) -> httpx.Response:
+        if address not in self.clients:
+            self.clients[address] = self.api.client(local_address=address)
+        return self.clients[address].post("/api/v1/login", json={"user": user, "password": password})
+
+
+@pytest.fixture
+def door(tmp_path: Path) -> Iterator[Door]:
+    api = ApiServer(tmp_path / "state")
+    clock = Clock(1000.0)
+    api.accounts.limiter = LoginLimiter(LoginLimits(), clock)  # the server's own accounts, on the test's clock
+    made = Door(api, clock)
+    yield made
+    for c in made.clients.values():
+        c.close()
+    api.stop()
+
+
+def failed_logins(api: ApiServer) -> int:
+    return sum(1 for a in api.store.recent_audit(1000) if a.action == "login.failed")
+
+
+def test_guessing_from_many_addresses_does_not_lock_the_admin_out(door: Door) -> None:
+    api = door.api
+    password = api.add_user("boss", "admin")
+    attackers = [f"127.0.1.{i}" for i in range(1, 11)]
+    for address in attackers:
+        for _ in range(5):
+            assert door.login(address, "boss", "guess-guess-guess").status_code == 401
+    assert failed_logins(api) == 50
+    for address in attackers:
+        r = door.login(address, "boss", password)
+        assert r.status_code == 429, "each attacker address has spent its own budget, even for the right password"
+
+    r = door.login("127.0.0.2", "boss", password)
+    assert r.status_code == 200, "the admin's own address, which never failed, still gets in"
+    assert door.login("127.0.2.1", "boss", password).status_code == 200, "and so does a fresh address"
+    with api.client(local_address="127.0.2.2") as c:
+        r = c.post("/login", data={"user": "boss", "password": password, "next": "/"})
+        assert r.status_code == 303 and SESSION_COOKIE in r.cookies, "and the console's login form"
+
+
+def test_an_address_that_keeps_guessing_stays_held_and_guessing_stays_bounded(
+        door: Door, caplog: pytest.LogCaptureFixture) -> None:
+    api, clock = door.api, door.clock
+    password = api.add_user("boss", "admin")
+    first = [f"127.0.1.{i}" for i in range(1, 11)]
+    for address in first:
+        for _ in range(5):
+            assert door.login(address, "boss", "guess-guess-guess").status_code == 401
+
+    clock.now += 100  # a second wave from 50 new addresses, 2 guesses each
+    second = [f"127.0.3.{i}" for i in range(1, 51)]
+    outcomes = Counter(door.login(address, "boss", f"guess {i}").status_code
+                       for address in second for i in range(2))
+    assert outcomes == {401: 50, 429: 50}, "past the per-user threshold, one guess per address, not five"
+    assert failed_logins(api) == 50 + 50
+    r = door.login(second[0], "boss", password)
+    assert r.status_code == 429 and "being guessed from many addresses" in r.json()["error"]
+    assert 0 < int(r.headers["retry-after"]) <= 900
+
+    clock.now += 250  # the first wave is out of the 5-minute window, and the name is still being guessed
+    for address in first:
+        r = door.login(address, "boss", password)
+        assert r.status_code == 429, "an address that failed stays held while the guessing goes on"
+    assert door.login("127.0.0.2", "boss", password).status_code == 200, "one that never failed is not"
+    assert door.login("127.0.2.3", "boss", "a typo of the password").status_code == 401
+    assert door.login("127.0.2.3", "boss", password).status_code == 429, \
+        "the price: one failure of its own during the guessing holds an address back too"
+
+    clock.now += 301  # the guessing stopped: every failure is out of the window
+    assert door.login(first[0], "boss", password).status_code == 200
+
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("appliance")]
+    refused = Counter(m.split(":")[0].split(" from ")[0] for m in messages if m.startswith("login refused"))
+    assert all(n <= 1 for n in refused.values()), f"refusals are logged at most once a minute per limit: {refused}"
+    assert not [m for m in messages if password in m or "guess 1" in m], "no password in the log"
+
+
+def test_concurrent_guesses_from_one_address_are_counted_before_the_hash(door: Door) -> None:
+    api = door.api
+    api.add_user("boss", "admin")
+    start = threading.Barrier(20)
+
+    def guess(i: int) -> int:
+        with api.client(local_address="127.0.5.1") as c:
+            start.wait(10)
+            return c.post("/api/v1/login", json={"user": "boss", "password": f"guess {i}"}).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = Counter(pool.map(guess, range(20)))
+    assert codes == {401: 5, 429: 15}, "twenty guesses at once get the budget of five, not twenty"
 
 
 # ---- accounts ---------------------------------------------------------------------------------------------

@@ -148,11 +148,15 @@ class Accounts:
 
     def change_own_password(self, principal: Principal, current: str, new: str, address: str) -> UserRecord:
         """Change one's own password, which needs the current one (a failure counts like a failed login)."""
-        self.limiter.check(principal.name, address)
+        try:
+            attempt = self.limiter.begin(principal.name, address)
+        except TooManyAttempts as e:
+            self._refused(e, principal.name, address)
+            raise
         if not verify_password(current, principal.user.password_hash):
-            self.limiter.failed(principal.name, address)
             self.store.audit(principal.name, "user.password.failed", {"user": principal.name}, address)
             raise LoginFailed("the current password is wrong; nothing was changed")
+        self.limiter.withdraw(attempt)
         return self.update_user(principal.name, principal.actor(address), password=new,
                                 keep_session=principal.session_hash)
 
@@ -168,22 +172,23 @@ class Accounts:
         """Check a password and start a session. Raises :class:`TooManyAttempts`, :class:`NoUsersYet` or
         :class:`LoginFailed` (the same message for an unknown user and a wrong password)."""
         try:
-            self.limiter.check(name, address)
-        except TooManyAttempts:
-            _throttled.warning(("login-limited", address), "login refused from %s: too many failed attempts", address)
+            attempt = self.limiter.begin(name, address)  # counted as a failure until the password proves right
+        except TooManyAttempts as e:
+            self._refused(e, name, address)
             raise
         if self.store.user_count() == 0:
+            self.limiter.withdraw(attempt)
             raise NoUsersYet()
         user = self.store.get_user(name)
         ok = verify_password(password, user.password_hash if user else dummy_hash(self.scrypt))
         if user is None or not ok:
-            count = self.limiter.failed(name, address)
             # an unknown name is not recorded: it is often a password typed into the wrong field
             who = user.name if user else "(unknown user)"
-            log.warning("login failed for %s from %s (%d of %d allowed in %.0f s)", who, address, count,
+            log.warning("login failed for %s from %s (%d of %d allowed in %.0f s)", who, address, attempt.failures,
                         self.limiter.limits.per_user_address, self.limiter.limits.window_s)
             self.store.audit(who, "login.failed", {"reason": "wrong password" if user else "unknown user"}, address)
             raise LoginFailed("wrong user name or password")
+        self.limiter.withdraw(attempt)  # the right password, even for a disabled account, is no guess
         if user.disabled:
             self.store.audit(user.name, "login.failed", {"reason": "account disabled"}, address)
             raise LoginFailed(f"the account {user.name} is disabled; ask an admin to enable it")
@@ -196,6 +201,20 @@ class Accounts:
         self.store.audit(user.name, "login", {"role": user.role}, address)
         log.info("user %s logged in from %s", user.name, address)
         return NewSession(cookie, csrf, expires, user)
+
+    def _refused(self, e: TooManyAttempts, name: str, address: str) -> None:
+        """Log a refusal at most once a minute per limit (the log line counts the others)."""
+        limits = self.limiter.limits
+        if e.cause == "user":
+            user = self.store.get_user(name)  # a name that is no user is not logged: it may be a password
+            _throttled.warning(
+                ("login-limited", e.cause),
+                "login refused for %s from %s: that name has had %d or more failed logins from many addresses in "
+                "%.0f s, so addresses that failed for it are held back (others still reach the password check)",
+                user.name if user else "(unknown user)", address, limits.per_user, limits.window_s)
+        else:
+            _throttled.warning(("login-limited", e.cause), "login refused from %s: too many failed attempts (%s)",
+                               address, "for one name from there" if e.cause == "user+address" else "for any names")
 
     def session(self, cookie: str) -> Principal | None:
         """The principal of a session cookie, or None if it is unknown, expired or its user disabled."""

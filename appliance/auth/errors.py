@@ -52,7 +52,8 @@ class InvalidAccount(AuthError):
 class TooManyAttempts(AuthError):
     """Too many failed logins lately for this user or from this address (HTTP 429)."""
 
-    def __init__(self, retry_after_s: float, why: str) -> None:
+    def __init__(self, retry_after_s: float, why: str, cause: str = "login") -> None:
         self.retry_after_s = max(1, math.ceil(retry_after_s))
+        self.cause = cause  # which limit: "user+address", "address", or "user" (a name guessed from many addresses)
         super().__init__(f"too many failed logins {why}; try again in {self.retry_after_s} s, "
                          "or ask an admin to reset the password")
