@@ -27,6 +27,8 @@ from appliance.console.diagnostics import build_bundle
 from appliance.console.live import LiveFeed
 from appliance.errors import ApplianceError, ConfigError
 from appliance.events import EventSink
+from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
+from appliance.giveback import GiveBack
 from appliance.http.security import Console, is_loopback
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
@@ -76,6 +78,7 @@ class Daemon:
                                                  on_change=functools.partial(self._worker_changed, p.name))
                         for p in self.plans}
         self.partitions = PartitionMonitor(self.plans, self.workers, self.nvml)
+        self.give_back = GiveBack(self.stats.frame_bytes)  # forgotten cameras' frames go back to the system
         self.metrics = Metrics(self.stats, self._partition_metrics)
         self.placement: dict[str, str] = {}
         base = f"{s.topics.appliance}/{s.device_id}"
@@ -192,6 +195,7 @@ class Daemon:
             self._every(s.retention.prune_interval_s, self._prune, "retention"),
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
             self._every(UTILISATION_S, self.partitions.sample_cpu, "utilisation"),
+            self._every(GIVE_BACK_CHECK_S, self.give_back.check, "give-back"),
         ]
         self.uploader.start()
         sync = make_sync(s, store, self.plans, threadsafe(self._app_states), threadsafe(self.healthy),

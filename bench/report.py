@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["SECTIONS", "evaluate_targets", "write_report"]
 
 SECTIONS = ["conditions", "limit", "appliance", "appliance_embedded", "naive", "latency", "overload", "idle",
-            "hot_swap", "memory_per_model"]
+            "hot_swap", "memory_per_model", "source_churn"]
 TARGET_STREAMS = 8  # "at least 1.5x the naive baseline at 8 streams"; also the headline latency row
 
 
@@ -142,6 +142,15 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 idle["rss_mb"] < 200, with_broker)
             add(f"Idle CPU ({broker} broker)", "< 1 % of one core", f"{idle['cpu_percent']:.2f} %",
                 idle["cpu_percent"] / 1.0, idle["cpu_percent"] < 1.0, with_broker)
+    churn = r.get("source_churn") if isinstance(r.get("source_churn"), dict) and "steps" in r["source_churn"] else None
+    if churn:
+        at = {s["step"]: s["rss_mb"] for s in churn["steps"]}
+        add(f"Flat memory as cameras come and go: daemon RSS after a second wave of {churn['cameras']} new cameras "
+            "vs after the first", "<= 1.10 x", f"{at['wave b']:.0f} vs {at['wave a']:.0f} MB",
+            churn["second_x_first"], churn["second_x_first"] <= 1.1)
+        add("Memory given back once they went silent: daemon RSS after vs before the cameras", "<= 1.10 x",
+            f"{at['silence after wave b']:.0f} vs {at['before']:.0f} MB", churn["end_x_before"],
+            churn["end_x_before"] <= 1.1, "the issue gives no number; this bound is ours")
     swap = r.get("hot_swap") if isinstance(r.get("hot_swap"), dict) and "lost" in r["hot_swap"] else None
     if swap:
         failed = swap["daemon"]["rejected"]
@@ -489,6 +498,21 @@ def _markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
                    f"memory one raw session adds to a fresh process in this run ({session} MB)."), ""]
 
     L += _fewer_cores(r)
+
+    L += ["## 9. Memory as cameras come and go", ""] + _section_error(r, "source_churn")
+    ch = r.get("source_churn")
+    if isinstance(ch, dict) and "steps" in ch:
+        L += ["| step | daemon RSS (MB) | latest frames held (MB) | sources remembered |", "| --- | ---: | ---: | ---: |"]
+        for s in ch["steps"]:
+            L.append(f"| {s['step']} | {s['rss_mb']:.1f} | {s['frames_mb']:.1f} | {s['sources']} |")
+        L += ["", (f"Two waves of {ch['cameras']} cameras that no one has seen before, each sending one "
+                   f"{ch['frame_bytes'] / 1e6:.1f} MB JPEG ({ch['received_mb']:.0f} MB in all), published "
+                   f"{ch['batch']} at a time and served before the next; between and after the waves a silence as "
+                   f"long as `ingest.source_forget_s` ({ch['forget_s']:g} s here). The console's latest frames "
+                   f"share `ingest.latest_frames_bytes` ({ch['budget_mb']:.0f} MB, the default), a forgotten "
+                   "camera's frame goes with it, and the daemon gives the freed memory back to the system "
+                   f"(`malloc_trim`). RSS after the second wave / after the first: **{ch['second_x_first']:.3f}**; "
+                   f"at the end / before: **{ch['end_x_before']:.3f}**; peak {ch['peak_rss_mb']:.0f} MB."), ""]
 
     prof = r.get("profile")
     if isinstance(prof, dict) and "main" in prof:

@@ -9,8 +9,9 @@ the exit status is 1.
 Order: the limit's processes, the appliance on Mosquitto, the appliance with its embedded broker and
 the naive baseline are started and kept running; the limit's reference table; the throughput sweep
 (all systems interleaved, see ``bench.compare``); latency at 70 % load; profile; overload; hot swap;
-everything but Mosquitto is stopped; memory per model; the comparison at 8 streams again with the whole
-stack confined to fewer cores (1, 2, 4, ... below the machine's); the idle footprints; the limit's table again.
+everything but Mosquitto is stopped; memory per model; memory as cameras come and go; the comparison at 8
+streams again with the whole stack confined to fewer cores (1, 2, 4, ... below the machine's); the idle
+footprints; the limit's table again.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Runner:
                     for key in ("limit", "appliance", "naive", "latency", "overload", "hot_swap"):
                         r[key] = systems
             r["memory_per_model"] = self.part("memory_per_model", lambda: S.memory_per_model(ctx, broker.port))
+            r["source_churn"] = self.part("source churn", lambda: S.source_churn(ctx, broker.port))
         if isinstance(r.get(C.APPLIANCE), list) and len(os.sched_getaffinity(0)) > 1:
             r["fewer_cores"] = self.part("fewer cores", self._fewer_cores)
         r["idle"] = {"embedded": self.part("idle (embedded broker)", lambda: S.idle(ctx, with_mosquitto=False)),

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
 from bench.load import LoadClient, LoadRun, Matched
 from bench.models import BENCH_MODEL, copy_model
 from bench.procs import (
@@ -68,6 +69,9 @@ class Plan:
     swap_after_s: float
     swap_timeout_s: float  # the swap must be done within this, or the section fails
     model_copies: tuple[int, ...]
+    churn_cameras: int  # cameras in each wave of "cameras come and go", each sending one frame
+    churn_frame_bytes: int  # bytes per frame in those waves (JPEG)
+    churn_forget_s: float  # ingest.source_forget_s of that daemon: the silence between waves lasts this long
     profile_s: float
     tries: int  # a measurement disturbed by other users of the machine is taken again, up to this many times
     quiet_percent: float  # "disturbed": others used more than this much CPU (% of one core) meanwhile
@@ -77,13 +81,14 @@ class Plan:
 FULL = Plan(quick=False, limit_s=6.0, limit_slice_s=3.0, streams=(1, 2, 4, 8, 16, 32), embedded_streams=(1, 8, 32),
             rounds=2, sweep_s=5.0, warmup_s=1.0, latency_s=8.0, latency_load=0.7, overload_s=300.0,
             overload_streams=8, overload_factor=2.0, cores_streams=8, idle_s=60.0, idle_settle_s=5.0, swap_streams=4,
-            swap_before_s=5.0, swap_after_s=5.0, swap_timeout_s=120.0, model_copies=(1, 2, 4), profile_s=20.0,
-            tries=3, quiet_percent=10.0, retry_budget_s=600.0)
+            swap_before_s=5.0, swap_after_s=5.0, swap_timeout_s=120.0, model_copies=(1, 2, 4), churn_cameras=150,
+            churn_frame_bytes=2_000_000, churn_forget_s=10.0, profile_s=20.0, tries=3, quiet_percent=10.0,
+            retry_budget_s=600.0)
 QUICK = Plan(quick=True, limit_s=0.3, limit_slice_s=0.3, streams=(1, 2), embedded_streams=(1,), rounds=1,
              sweep_s=0.6, warmup_s=0.2, latency_s=0.6, latency_load=0.7, overload_s=1.5, overload_streams=2,
              overload_factor=2.0, cores_streams=2, idle_s=1.0, idle_settle_s=0.2, swap_streams=2, swap_before_s=0.3,
-             swap_after_s=0.3, swap_timeout_s=60.0, model_copies=(1, 2), profile_s=2.0, tries=1,
-             quiet_percent=10.0, retry_budget_s=0.0)
+             swap_after_s=0.3, swap_timeout_s=60.0, model_copies=(1, 2), churn_cameras=6, churn_frame_bytes=100_000,
+             churn_forget_s=1.0, profile_s=2.0, tries=1, quiet_percent=10.0, retry_budget_s=0.0)
 
 
 @dataclass
@@ -496,6 +501,99 @@ def memory_per_model(ctx: Context, broker_port: int) -> dict[str, Any]:
     return {"steps": steps, "first_model_mb": round(float(one["rss_mb"]) - float(base["rss_mb"]), 1),
             "per_extra_model_mb": round(extra, 1) if extra is not None else None,
             "reported_mean_mb": round(float(np.mean(last["reported_mb"])), 1) if last["reported_mb"] else None}
+
+
+# --- 9. memory as cameras come and go -----------------------------------------------------------
+
+
+CHURN_BATCH = 10  # cameras published at once, then served, before the next ones: as cameras do, not a burst
+
+
+def big_frame(size: int, seed: int = 0) -> bytes:
+    """A JPEG of about ``size`` bytes (noise compresses little: about 0.9 bytes per pixel at quality 90)."""
+    import io
+
+    from PIL import Image
+
+    pixels = size / 0.9
+    width = max(16, int((pixels * 4 / 3) ** 0.5))
+    height = max(16, int(width * 3 / 4))
+    noise = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noise).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def source_churn(ctx: Context, broker_port: int) -> dict[str, Any]:
+    """Daemon RSS while two waves of new cameras (one big frame each) come and go, with silence between them
+    as long as ``ingest.source_forget_s``: what is kept per source is bounded, so the second wave must not
+    add to the first."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    plan = ctx.plan
+    frame = big_frame(plan.churn_frame_bytes)
+    settle = 0.3 if plan.quick else 2.0  # seconds after a step before reading memory
+    forget = plan.churn_forget_s
+    extra = f"""
+        [ingest]
+        source_silent_s = {forget / 2:g}
+        source_forget_s = {forget:g}
+        """
+    steps: list[dict[str, Any]] = []
+    with Appliance(ctx.workdir, broker_port=broker_port, results=False, extra=extra) as daemon:
+        install_bench_app(ctx, daemon)
+        daemon.start()
+        wait_until(lambda: daemon.serving("bench"), SERVE_TIMEOUT_S, "the bench app serving")
+        pid = daemon.pid or 0
+
+        def step(name: str) -> None:
+            time.sleep(settle)
+            rss = [r.rss_mb for r in (read_proc(pid) for _ in range(3)) if r is not None]
+            if not rss:
+                raise BenchError("the daemon is gone")
+            text = daemon.metrics()
+            steps.append({"step": name, "rss_mb": round(float(np.median(rss)), 1),
+                          "frames_mb": round(metric(text, "appliance_latest_frames_bytes") / 2**20, 1),
+                          "sources": int(metric(text, "appliance_sources_tracked"))})
+
+        def served(prefix: str) -> int:
+            return sum(1 for s in daemon.status()["sources"] if s["id"].startswith(prefix)
+                       and s["processed"] + s["skipped"] + sum(s["rejected"].values()) >= s["received"] >= 1)
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", broker_port)
+        client.loop_start()
+        peak = 0.0
+        try:
+            step("before")
+            for wave in ("a", "b"):
+                prefix = f"churn{wave}"
+                for start in range(0, plan.churn_cameras, CHURN_BATCH):
+                    batch = range(start, min(start + CHURN_BATCH, plan.churn_cameras))
+                    for i in batch:
+                        client.publish(f"cameras/{prefix}{i}/frame", frame, qos=1).wait_for_publish(30)
+                    wait_until(lambda p=prefix, n=batch.stop: served(p) >= n, 120,  # type: ignore[misc]
+                               f"wave {wave}: {batch.stop} cameras served")
+                    r = read_proc(pid)
+                    peak = max(peak, r.rss_mb if r else 0.0)
+                step(f"wave {wave}")
+                wait_until(lambda: metric(daemon.metrics(), "appliance_sources_tracked") == 0, forget * 3 + 30,
+                           f"wave {wave} forgotten", interval=0.25)
+                if not plan.quick:  # the daemon gives freed memory back on its next look (appliance.giveback)
+                    time.sleep(GIVE_BACK_CHECK_S)
+                step(f"silence after wave {wave}")
+        finally:
+            client.loop_stop()
+            client.disconnect()
+    at = {s["step"]: s["rss_mb"] for s in steps}
+    from appliance.settings import IngestSettings
+
+    return {"cameras": plan.churn_cameras, "frame_bytes": len(frame), "forget_s": forget, "batch": CHURN_BATCH,
+            "budget_mb": round(IngestSettings().latest_frames_bytes / 2**20, 1), "received_mb": round(2 * plan.churn_cameras * len(frame) / 2**20, 1),
+            "steps": steps, "peak_rss_mb": round(peak, 1),
+            "second_x_first": round(at["wave b"] / at["wave a"], 3),
+            "end_x_before": round(at["silence after wave b"] / at["before"], 3)}
 
 
 # --- profile (optional) --------------------------------------------------------------------------

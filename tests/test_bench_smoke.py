@@ -32,6 +32,10 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert set(results["latency"]) >= {"appliance", "naive"}
     assert results["limit"]["fps"] > 0 and all(row["fps"] > 0 for row in results["appliance"])
     assert results["targets"], "the targets were evaluated"
+    churn = results["source_churn"]
+    assert [s["step"] for s in churn["steps"]] == ["before", "wave a", "silence after wave a", "wave b",
+                                                   "silence after wave b"]
+    assert churn["steps"][1]["sources"] == churn["cameras"] and churn["steps"][2]["sources"] == 0
     several_cores = len(os.sched_getaffinity(0)) > 1
     if several_cores:  # the comparison again on one core, in the report as section 8
         assert isinstance(results.get("fewer_cores"), list), f"fewer cores failed: {results.get('fewer_cores')}"
@@ -44,7 +48,7 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         assert "## 8. The same comparison on fewer cores" in report
     for heading in ("## Conditions", "## Targets", "## 1. The limit", "## 2. The appliance end to end",
                     "## Latency at 70 % load", "## 4. Overload", "## 5. Idle footprint", "## 6. Hot swap",
-                    "## 7. Memory per extra model"):
+                    "## 7. Memory per extra model", "## 9. Memory as cameras come and go"):
         assert heading in report, f"BENCHMARKS.md has no {heading!r}"
     for plot in ("throughput.png", "latency.png", "overload.png"):
         png = tmp_path / "bench" / plot

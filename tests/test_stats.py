@@ -4,6 +4,7 @@ and only the latest ``ingest.unknown_sources_kept`` ids of sources no app listen
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from appliance.demo.scene import render_frame
+from appliance.giveback import GiveBack
 from appliance.runtime.results import Detection
 from appliance.settings import IngestSettings
 from appliance.stats import Stats
@@ -91,6 +93,24 @@ def test_unknown_sources_are_capped() -> None:
     assert unknown.rejected == {"unknown_source": 200}, "every message is still counted"
     assert stats.unknown_source("stray199", "unknown_source", now + 300) is False
     assert stats.unknown().recent[-1].count == 2
+
+
+def test_memory_is_given_back_once_a_lot_was_let_go() -> None:
+    stats = Stats(latest_frames_bytes=64 * MB, forget_after_s=0.2, silent_after_s=0.1)
+    give_back = GiveBack(stats.frame_bytes, threshold_bytes=16 * MB)
+    for i in range(40):
+        camera(stats, f"cam{i}", bytes([i]) * MB, time.time())
+    asyncio.run(give_back.check())
+    assert give_back.trims == 0, "nothing was let go yet"
+    for i in range(8):
+        stats.forget(f"cam{i}")
+    asyncio.run(give_back.check())
+    assert give_back.trims == 0, "8 MB is under the threshold"
+    wait_until(lambda: stats.tracked() == 0, 5, what="the cameras forgotten")
+    asyncio.run(give_back.check())
+    assert give_back.trims == 1, "40 MB let go since the highest: trimmed (glibc's malloc_trim)"
+    asyncio.run(give_back.check())
+    assert give_back.trims == 1, "and not again until more is let go"
 
 
 def test_the_forget_setting_cannot_be_shorter_than_silent() -> None:
