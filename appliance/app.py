@@ -310,7 +310,7 @@ class Daemon:
         generation = await loop.run_in_executor(None, store.config_generation)
         if generation == self._generation and not force:
             return
-        apps, models = await loop.run_in_executor(None, lambda: (store.list_apps(), store.list_models()))
+        apps, models = await loop.run_in_executor(None, lambda: (store.apps.all(), store.models.all()))
         self._generation = generation
         measured = {k: m.memory_mb for w in self.workers.values() for k, m in w.models.items() if m.memory_mb}
         placed = placement_for(apps, models, self.plans, self.settings.placement.pins, self.placement, measured)
@@ -328,7 +328,7 @@ class Daemon:
             return
         rows: list[tuple[str, str, float]] = list(self.stats.last_seen())
         if rows:
-            await asyncio.get_running_loop().run_in_executor(None, self.store.touch_sources, rows)
+            await asyncio.get_running_loop().run_in_executor(None, self.store.sources.touch, rows)
 
     # status
 

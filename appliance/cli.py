@@ -86,7 +86,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             packages.remove_model(store, args.name, args.version)
             print(f"removed model {args.name} {args.version}")
         else:
-            rows = store.list_models()
+            rows = store.models.all()
             if not rows:
                 print("no models installed; add one with: appliance models add <folder>")
             for m in rows:
@@ -136,17 +136,17 @@ def cmd_apps(args: argparse.Namespace) -> int:
             a = packages.rollback_app(store, args.name, by.name, by.address)
             print(f"app {a.name} rolled back to {a.version} (model {a.model_name} {a.model_version})")
         elif args.action == "remove":
-            store.remove_app(args.name)
+            store.apps.remove(args.name)
             by = _cli_actor()
-            store.audit(by.name, "app.remove", {"app": args.name}, by.address)
+            store.audit_log.add(by.name, "app.remove", {"app": args.name}, by.address)
             print(f"removed app {args.name}")
         elif args.action in ("enable", "disable"):
-            store.set_app_enabled(args.name, args.action == "enable")
+            store.apps.set_enabled(args.name, args.action == "enable")
             by = _cli_actor()
-            store.audit(by.name, f"app.{args.action}", {"app": args.name}, by.address)
+            store.audit_log.add(by.name, f"app.{args.action}", {"app": args.name}, by.address)
             print(f"app {args.name} {args.action}d")
         else:
-            rows = store.list_apps()
+            rows = store.apps.all()
             if not rows:
                 print("no apps installed; add one with: appliance apps add <app.json>")
             for a in rows:
@@ -159,7 +159,7 @@ def cmd_apps(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _store(settings) as store:
-        events = store.recent_events(limit=args.limit, app=args.app, source=args.source)
+        events = store.events.recent(limit=args.limit, app=args.app, source=args.source)
     if args.json:
         print(json.dumps([{"id": e.id, "ts": e.ts, "app": e.app, "source": e.source, "rule": e.rule,
                            "label": e.label, "score": e.score, "box": e.box,
@@ -275,13 +275,13 @@ def cmd_users(args: argparse.Namespace) -> int:
         by = _cli_actor()
         if args.action == "add":
             check_user_name(args.name)
-            if store.get_user(args.name) is not None:
+            if store.users.get(args.name) is not None:
                 raise ApplianceError(f"a user named {args.name!r} already exists; change the password with "
                                      f"`appliance users passwd {args.name}`")
             u = accounts.add_user(args.name, args.role, _read_password(args, args.name), by, args.language)
             print(f"added {u.role} {u.name}; log in at the console or with POST /api/v1/login")
         elif args.action == "passwd":
-            if store.get_user(args.name) is None:
+            if store.users.get(args.name) is None:
                 raise ApplianceError(f"no user named {args.name!r} (see: appliance users list)")
             accounts.update_user(args.name, by, password=_read_password(args, args.name))
             print(f"password of {args.name} changed; their sessions were ended")
@@ -289,7 +289,7 @@ def cmd_users(args: argparse.Namespace) -> int:
             u = accounts.remove_user(args.name, by)
             print(f"removed {u.role} {u.name}, with their sessions and API tokens")
         else:
-            rows = store.list_users()
+            rows = store.users.all()
             if not rows:
                 print("no users yet: create the first admin with: appliance users add NAME --role admin")
             for u in rows:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prometheus_client import Counter
 
@@ -25,6 +23,7 @@ from appliance.runtime.results import Detection
 from appliance.settings import Settings
 from appliance.sidework import SideWork
 from appliance.store import EventRecord, Store
+from common.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,6 @@ log = logging.getLogger(__name__)
 def frame_file(snapshot: str) -> str:
     """Where an event's clean frame is kept, beside its snapshot (``x.jpg`` -> ``x.frame.jpg``)."""
     return snapshot[:-4] + ".frame.jpg" if snapshot.endswith(".jpg") else snapshot + ".frame"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def event_json(event: EventRecord, device: str) -> bytes:
@@ -88,7 +79,7 @@ class EventSink:
             id=event_id, ts=firing.ts, app=firing.app, source=firing.source, rule=firing.rule, label=d.label,
             score=d.score, box=d.box, snapshot=rel if snapshot else None,
             snapshot_bytes=size, created=time.time())
-        await loop.run_in_executor(None, self._store.add_event, event)
+        await loop.run_in_executor(None, self._store.events.add, event)
         # stored: the event exists; what follows only tells others, and cannot undo it
         self._side.run("events-mqtt", firing.app, self._publish, self._topic, event_json(event, self._settings.device_id))
         self._side.run("live", firing.app, self._on_event, event)
@@ -108,7 +99,7 @@ class EventSink:
     def prune(self) -> int:
         """Apply retention; returns how many events were removed. Blocking: run it in an executor."""
         r = self._settings.retention
-        removed = self._store.prune_events(time.time() - r.max_age_days * 86400, r.max_snapshot_bytes)
+        removed = self._store.events.prune(time.time() - r.max_age_days * 86400, r.max_snapshot_bytes)
         for event in removed:
             if event.snapshot:
                 (self._settings.state_dir / event.snapshot).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from appliance.runtime.deploy import admit_app
 from appliance.runtime.partitions import PartitionPlan
 from appliance.runtime.placement import AdmissionError
 from appliance.store import AppRecord, ModelRecord, Store, StoreError
+from common.files import fsync_dir
 from formats import AppManifest, FormatError, ModelCard
 from formats.graph import card_problems
 from formats.model_card import package_files
@@ -53,7 +54,8 @@ def _audited_refusal(action: str) -> Callable[[F], F]:
             except InstallError as e:
                 package = args[1] if action == "model.install" else args[0]  # (models_dir, package) or (path, ...)
                 by: Actor = kwargs.get("by") or CLI
-                store.audit(by.name, f"{action}.refused", {"package": str(package), "reason": str(e)}, by.address)
+                store.audit_log.add(by.name, f"{action}.refused", {"package": str(package), "reason": str(e)},
+                                    by.address)
                 raise
 
         return cast(F, inner)
@@ -76,7 +78,7 @@ def install_model(store: Store, models_dir: Path, package: Path, *, by: Actor = 
         raise InstallError(str(e)) from e
     if problems:
         raise InstallError(f"{card_path} disagrees with {onnx_path.name}:\n  " + "\n  ".join(problems))
-    if store.get_model(card.name, card.version) is not None:
+    if store.models.get(card.name, card.version) is not None:
         raise InstallError(f"model {card.key} is already installed; remove it first "
                            f"(appliance models remove {card.name} {card.version}) or give the new one another version")
     digest = hashlib.sha256(data).hexdigest()
@@ -91,18 +93,21 @@ def install_model(store: Store, models_dir: Path, package: Path, *, by: Actor = 
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            os.rename(tmp, final)
+            fsync_dir(tmp)
+            os.rename(tmp, final)  # a folder: all of the package appears at once, under its content's name
+            fsync_dir(models_dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.exists():
                 raise InstallError(f"cannot write {final}: {e.strerror}") from e
             shutil.rmtree(tmp, ignore_errors=True)
     try:
-        store.add_model(card.to_json(), card.name, card.version, card.task, digest, len(data), str(final / "model.onnx"))
+        store.models.add(card.to_json(), card.name, card.version, card.task, digest, len(data),
+                         str(final / "model.onnx"))
     except StoreError as e:
         raise InstallError(str(e)) from e
-    store.audit(by.name, "model.install", {"model": card.key, "sha256": digest}, by.address)
-    record = store.get_model(card.name, card.version)
+    store.audit_log.add(by.name, "model.install", {"model": card.key, "sha256": digest}, by.address)
+    record = store.models.get(card.name, card.version)
     assert record is not None
     return record
 
@@ -148,12 +153,12 @@ def _staging_owner_alive(folder: Path) -> bool:
 
 def remove_model(store: Store, name: str, version: str) -> ModelRecord:
     try:
-        record = store.remove_model(name, version)
+        record = store.models.remove(name, version)
     except StoreError as e:
         raise InstallError(str(e)) from e
-    if not any(m.sha256 == record.sha256 for m in store.list_models()):
+    if not any(m.sha256 == record.sha256 for m in store.models.all()):
         shutil.rmtree(Path(record.path).parent, ignore_errors=True)
-    store.audit(CLI.name, "model.remove", {"model": f"{name}@{version}"}, CLI.address)
+    store.audit_log.add(CLI.name, "model.remove", {"model": f"{name}@{version}"}, CLI.address)
     return record
 
 
@@ -173,20 +178,20 @@ def rollback_app(store: Store, name: str, actor: str = "cli", address: str | Non
     """Reinstall the manifest the app had before its last upgrade (the daemon swaps to it without a gap).
 
     ``actor`` and ``address`` say who asked, from where, in the audit log."""
-    current = store.get_app(name)
+    current = store.apps.get(name)
     if current is None:
         raise InstallError(f"no app named {name!r} is installed (see: appliance apps list)")
     if current.previous_manifest_json is None:
         raise InstallError(f"app {name} has no previous version to roll back to")
     manifest = AppManifest.parse(current.previous_manifest_json.encode(), f"previous manifest of {name}")
     record = _install_manifest(store, manifest, None, {}, actor, address)
-    store.audit(actor, "app.rollback", {"app": name, "from": current.version, "to": manifest.version}, address)
+    store.audit_log.add(actor, "app.rollback", {"app": name, "from": current.version, "to": manifest.version}, address)
     return record
 
 
 def _install_manifest(store: Store, manifest: AppManifest, plans: list[PartitionPlan] | None,
                       pins: Mapping[str, str], actor: str = "cli", address: str | None = None) -> AppRecord:
-    model = store.get_model(manifest.model.name, manifest.model.version)
+    model = store.models.get(manifest.model.name, manifest.model.version)
     if model is None:
         raise InstallError(f"app {manifest.key} needs model {manifest.model.key}, which is not installed; "
                            f"install it first with: appliance models add <folder with model.onnx and model.json>")
@@ -202,14 +207,14 @@ def _install_manifest(store: Store, manifest: AppManifest, plans: list[Partition
                            f"(model labels: {', '.join(card.labels) or 'anomaly'})")
     if plans is not None:
         try:
-            admit_app(manifest, store.list_apps(), store.list_models(), plans, pins)
+            admit_app(manifest, store.apps.all(), store.models.all(), plans, pins)
         except AdmissionError as e:
             raise InstallError(str(e)) from e
     try:
-        store.add_app(manifest.to_json(), manifest.name, manifest.version, manifest.model.name, manifest.model.version)
+        store.apps.add(manifest.to_json(), manifest.name, manifest.version, manifest.model.name, manifest.model.version)
     except StoreError as e:
         raise InstallError(str(e)) from e
-    store.audit(actor, "app.install", {"app": manifest.key}, address)
-    record = store.get_app(manifest.name)
+    store.audit_log.add(actor, "app.install", {"app": manifest.key}, address)
+    record = store.apps.get(manifest.name)
     assert record is not None
     return record

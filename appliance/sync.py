@@ -135,7 +135,7 @@ class Sync:
         a = self._settings.appstore
         catalog = self._client.refresh()
         channel = self._client.channel(a.channel)
-        want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions(),
+        want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions.all(),
                                      catalog)
         self.state.catalog_version, self.state.desired, self.state.rollout = catalog.version, want, rollout
         # a refused version is tried again once the desired version has moved on and come back
@@ -157,7 +157,7 @@ class Sync:
 
     def _reconcile(self, name: str, version: str, catalog: Catalog) -> str:
         """Bring one app to ``version``; '' when done, else why not."""
-        current = self._store.get_app(name)
+        current = self._store.apps.get(name)
         if current is not None and current.version == version:
             return ""
         if (name, version) in self._failed:
@@ -171,7 +171,7 @@ class Sync:
             manifest_path = self._client.download(entry.path, staging / "app.json")
             manifest = AppManifest.load(manifest_path)
             model_name, model_version = manifest.model.name, manifest.model.version
-            if self._store.get_model(model_name, model_version) is None:
+            if self._store.models.get(model_name, model_version) is None:
                 folder = staging / "model"
                 for f in ("model.json", "model.onnx"):
                     self._client.download(f"models/{model_name}/{model_version}/{f}", folder / f)
@@ -214,7 +214,8 @@ class Sync:
         log.error("AppStore: %s %s refused: %s", name, version, why)
         if not retry:
             self._failed[(name, version)] = why
-            self._store.audit(ACTOR, "app.refused", {"app": name, "version": version, "reason": why}, "appstore")
+            self._store.audit_log.add(ACTOR, "app.refused", {"app": name, "version": version, "reason": why},
+                                      "appstore")
         return why
 
     # reporting

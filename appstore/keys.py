@@ -18,7 +18,8 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Root
 
 from appstore.errors import RepoError
-from appstore.layout import Layout, write_atomic
+from appstore.layout import Layout
+from common.files import write_atomically
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 
@@ -31,7 +32,7 @@ def save(path: Path, role: str, signer: CryptoSigner) -> None:
     key = signer.public_key
     doc = {"role": role, "keyid": key.keyid, "public": key.to_dict(), "private": signer.private_bytes.decode()}
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o600)
+    write_atomically(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o600)
 
 
 def load(path: Path) -> CryptoSigner:

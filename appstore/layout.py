@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -24,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from appstore.errors import RepoError
+from common.files import write_atomically
 
 SETTINGS_FILE = "appstore.json"
 
@@ -97,7 +96,7 @@ class Layout:
             raise RepoError(f"{self.settings}: unreadable ({e}); fix it or delete it to use the defaults") from e
 
     def write_expiry(self, expiry: Expiry) -> None:
-        write_atomic(self.settings, (json.dumps({"expires": asdict(expiry)}, indent=2) + "\n").encode())
+        write_atomically(self.settings, (json.dumps({"expires": asdict(expiry)}, indent=2) + "\n").encode())
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -110,17 +109,3 @@ class Layout:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary name and rename it into place: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

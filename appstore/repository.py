@@ -29,7 +29,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from appstore import keys
 from appstore.errors import RepoError
-from appstore.layout import Expiry, Layout, write_atomic
+from appstore.layout import Expiry, Layout
+from common.files import write_atomically
 
 T = TypeVar("T", Root, Timestamp, Snapshot, Targets)
 
@@ -87,7 +88,7 @@ class TargetsEditor:
         target.unrecognized_fields["custom"] = custom
         stored = self._layout.target_file(path, target.hashes["sha256"])
         if not stored.is_file():
-            write_atomic(stored, data)
+            write_atomically(stored, data)
         self.targets.targets[path] = target
         self.changed = True
         return target
@@ -150,7 +151,7 @@ class Repository:
             root_md = Metadata(root)
             for root_signer in root_signers:
                 root_md.sign(root_signer, append=True)
-            write_atomic(layout.metadata / "1.root.json", root_md.to_bytes(_SERIALIZER))  # last: marks it complete
+            write_atomically(layout.metadata / "1.root.json", root_md.to_bytes(_SERIALIZER))  # last: marks it complete
         return cls(folder), root_files
 
     # reading the current state (no lock: versioned files are never rewritten, timestamp.json is replaced atomically)
@@ -236,7 +237,7 @@ def _sign_and_write(layout: Layout, root: Root, targets: Metadata[Targets], expi
     targets.signed.expires = now + expiry.of("targets")
     targets.sign(keys.online_signer(layout, Targets.type, root))
     raw_targets = targets.to_bytes(_SERIALIZER)
-    write_atomic(layout.metadata / f"{targets.signed.version}.targets.json", raw_targets)
+    write_atomically(layout.metadata / f"{targets.signed.version}.targets.json", raw_targets)
 
     previous = layout.metadata / "timestamp.json"
     snapshot_version = _load(previous, Timestamp).signed.snapshot_meta.version + 1 if previous.exists() else 1
@@ -244,7 +245,7 @@ def _sign_and_write(layout: Layout, root: Root, targets: Metadata[Targets], expi
                                  meta={"targets.json": _meta_file(targets.signed.version, raw_targets)}))
     snapshot.sign(keys.online_signer(layout, Snapshot.type, root))
     raw_snapshot = snapshot.to_bytes(_SERIALIZER)
-    write_atomic(layout.metadata / f"{snapshot_version}.snapshot.json", raw_snapshot)
+    write_atomically(layout.metadata / f"{snapshot_version}.snapshot.json", raw_snapshot)
 
     _write_timestamp(layout, root, _meta_file(snapshot_version, raw_snapshot), expiry, now, timestamp_expires)
 
@@ -256,4 +257,4 @@ def _write_timestamp(layout: Layout, root: Root, snapshot_meta: MetaFile, expiry
     valid_for = expiry.of("timestamp") if expires is None else expires
     timestamp = Metadata(Timestamp(version=version, expires=now + valid_for, snapshot_meta=snapshot_meta))
     timestamp.sign(keys.online_signer(layout, Timestamp.type, root))
-    write_atomic(path, timestamp.to_bytes(_SERIALIZER))
+    write_atomically(path, timestamp.to_bytes(_SERIALIZER))

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, BinaryIO
 from appstore.errors import BadRequest, RepoError, TooLarge
 from appstore.fleet import Fleet, SampleRow
 from appstore.layout import Layout
+from common.files import fsync_dir, staged_file
 from formats.errors import FormatError
 from formats.sample import REASONS, SAMPLE_ID_PATTERN, ImageInfo, SampleRecord
 
@@ -146,20 +146,15 @@ class Inbox:
         digest = hashlib.sha256()
         size = 0
         head = b""
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{sample_id}.", suffix=".jpg.tmp")
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := image.read(_CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"the image is larger than {limit} bytes ({limit / 2**20:g} MiB), the "
-                                       "most this inbox accepts; send a smaller JPEG")
-                    head = head or chunk[:len(JPEG_START)]
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+        with staged_file(folder, f"{sample_id}.jpg", mode=0o600) as (out, tmp):
+            while chunk := image.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"the image is larger than {limit} bytes ({limit / 2**20:g} MiB), the "
+                                   "most this inbox accepts; send a smaller JPEG")
+                head = head or chunk[:len(JPEG_START)]
+                digest.update(chunk)
+                out.write(chunk)
             if size != expected.size:
                 raise BadRequest(f"the image is {size} bytes but meta.image.bytes says {expected.size}")
             if digest.hexdigest() != expected.sha256.lower():
@@ -167,23 +162,13 @@ class Inbox:
                                  f"{expected.sha256}; it was damaged on the way or meta describes another image")
             if head != JPEG_START:
                 raise BadRequest("the image is not a JPEG; send the frame as image/jpeg")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return tmp
 
 
 def _stage(folder: Path, sample_id: str, data: bytes) -> Path:
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{sample_id}.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
+    with staged_file(folder, f"{sample_id}.json", mode=0o600) as (out, tmp):
+        out.write(data)
+    return tmp
 
 
 def _place(folder: Path, staged: list[tuple[Path, Path]]) -> None:
@@ -193,11 +178,7 @@ def _place(folder: Path, staged: list[tuple[Path, Path]]) -> None:
         for tmp, final in staged:
             os.replace(tmp, final)
             placed.append(final)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the renames reach the disk before the index row is committed
-        finally:
-            os.close(dir_fd)
+        fsync_dir(folder)  # the renames reach the disk before the index row is committed
     except BaseException:
         for final in placed:
             final.unlink(missing_ok=True)

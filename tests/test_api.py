@@ -59,7 +59,7 @@ def populate(api: ApiServer, models: dict[str, Path], tmp: Path,
         EventRecord("e3", 3000.0, "ppe-watch", "cam2", "person-seen", "person", 0.7, None,
                     "snapshots/2026-11-23/escape.jpg", 10),
     ):
-        api.store.add_event(event)
+        api.store.events.add(event)
     for role, name in USERS.items():
         if role != "admin":
             api.add_user(name, role)  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def fresh(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
 
 
 def audit_lines(api: ApiServer, action: str) -> list[Any]:
-    return [a for a in api.store.recent_audit(500) if a.action == action]
+    return [a for a in api.store.audit_log.recent(500) if a.action == action]
 
 
 # ---- every route x every role ------------------------------------------------------------------------
@@ -237,13 +237,13 @@ def test_csrf_token_required_with_the_session_cookie(api: ApiServer) -> None:
     c = api.login("operator1")
     token = c.headers.pop(CSRF_HEADER)
     assert c.get("/api/v1/me").status_code == 200, "reading needs no CSRF token"
-    before = len(api.store.event_handling(["e2"]).get("e2", []))
+    before = len(api.store.handling.for_events(["e2"]).get("e2", []))
     r = c.post("/api/v1/events/e2/handling", json={"action": "acknowledged"})
     assert r.status_code == 403
     assert "CSRF token" in r.json()["error"] and CSRF_HEADER in r.json()["error"]
     r = c.post("/api/v1/events/e2/handling", json={"action": "acknowledged"}, headers={CSRF_HEADER: "forged"})
     assert r.status_code == 403 and "wrong CSRF token" in r.json()["error"]
-    assert len(api.store.event_handling(["e2"]).get("e2", [])) == before, "nothing stored when refused"
+    assert len(api.store.handling.for_events(["e2"]).get("e2", [])) == before, "nothing stored when refused"
     # another session's token does not fit this session
     other = api.login("operator1").headers[CSRF_HEADER]
     assert c.post("/api/v1/events/e2/handling", json={"action": "note"},
@@ -433,7 +433,7 @@ def test_handling_is_stored_with_who_and_when(api: ApiServer, clients: dict[str,
                      "ts": r.json()["ts"]}]
     listed = {e["id"]: e for e in clients["viewer"].get("/api/v1/events").json()}
     assert mine[0] in listed["e2"]["handling"]
-    stored = api.store.event_handling(["e2"])["e2"]
+    stored = api.store.handling.for_events(["e2"])["e2"]
     assert any(h.user == "operator1" and h.action == "false_positive" and h.ts == r.json()["ts"] for h in stored)
     assert clients["viewer"].post("/api/v1/events/e2/handling", json={"action": "acknowledged"}).status_code == 403
     r = clients["operator"].post("/api/v1/events/nope/handling", json={"action": "acknowledged"})
@@ -481,15 +481,15 @@ def test_apps_enable_disable_rollback(api: ApiServer, clients: dict[str, httpx.C
     assert apps["ppe-watch"]["model"] == "demo-detector@1.0.0" and apps["ppe-watch"]["sources"] == ["cameras/+/frame"]
     assert apps["ppe-watch"]["state"] == "serving" and apps["ppe-watch"]["partition"] == "cpu"
     assert admin.post("/api/v1/apps/ppe-watch/disable").json()["enabled"] is False
-    assert api.store.get_app("ppe-watch").enabled is False  # type: ignore[union-attr]
+    assert api.store.apps.get("ppe-watch").enabled is False  # type: ignore[union-attr]
     assert admin.post("/api/v1/apps/ppe-watch/enable").json()["enabled"] is True
-    version = api.store.get_app("ppe-watch").version  # type: ignore[union-attr]
+    version = api.store.apps.get("ppe-watch").version  # type: ignore[union-attr]
     r = admin.post("/api/v1/apps/ppe-watch/rollback")
     assert r.status_code == 200 and r.json()["version"] != version and r.json()["previous_version"] == version
     assert admin.post("/api/v1/apps/nope/rollback").status_code == 404
     assert admin.post("/api/v1/apps/nope/enable").status_code == 404
     assert clients["operator"].post("/api/v1/apps/ppe-watch/disable").status_code == 403
-    assert api.store.get_app("ppe-watch").enabled is True  # type: ignore[union-attr]
+    assert api.store.apps.get("ppe-watch").enabled is True  # type: ignore[union-attr]
 
 
 def test_rollback_without_a_previous_version_is_a_conflict(fresh: Callable[..., ApiServer],

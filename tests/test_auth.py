@@ -205,7 +205,7 @@ def door(tmp_path: Path) -> Iterator[Door]:
 
 
 def failed_logins(api: ApiServer) -> int:
-    return sum(1 for a in api.store.recent_audit(1000) if a.action == "login.failed")
+    return sum(1 for a in api.store.audit_log.recent(1000) if a.action == "login.failed")
 
 
 def test_guessing_from_many_addresses_does_not_lock_the_admin_out(door: Door) -> None:
@@ -298,7 +298,7 @@ def test_login_session_and_logout(store: Store) -> None:
     principal = accounts.session(session.cookie)
     assert principal is not None and principal.name == "Boss" and principal.csrf_token == session.csrf_token
     assert principal.allows("viewer") and principal.allows("admin")
-    stored = store.get_session(principal.session_hash or "")
+    stored = store.sessions.get(principal.session_hash or "")
     assert stored is not None and stored[0].address == "10.0.0.7" and session.cookie not in repr(stored)
     clock.now += 3601
     assert accounts.session(session.cookie) is None, "expired"
@@ -316,7 +316,7 @@ def test_login_upgrades_an_old_hash(store: Store) -> None:
     Accounts(store, scrypt=FAST).add_user("boss", "admin", "a long pass phrase", CLI)
     stronger = ScryptParams(log2_n=11)
     Accounts(store, scrypt=stronger).login("boss", "a long pass phrase", "10.0.0.7")
-    user = store.get_user("boss")
+    user = store.users.get("boss")
     assert user is not None and not needs_rehash(user.password_hash, stronger)
 
 
@@ -352,17 +352,17 @@ def test_tokens(store: Store) -> None:
     principal = accounts.token(secret)
     assert principal is not None and principal.name == "vms" and principal.via == "token"
     assert principal.csrf_token is None and not principal.allows("operator")
-    assert store.list_tokens()[0].last_used == clock.now
+    assert store.tokens.all()[0].last_used == clock.now
     clock.now += 30
     accounts.token(secret)
-    assert store.list_tokens()[0].last_used == clock.now - 30, "written at most once a minute"
+    assert store.tokens.all()[0].last_used == clock.now - 30, "written at most once a minute"
     accounts.revoke_token(record.id, CLI)
     assert accounts.token(secret) is None
     with pytest.raises(NotFound):
         accounts.create_token("ghost", "x", CLI)
     record, secret = accounts.create_token("vms", "again", CLI)
     accounts.remove_user("vms", CLI)
-    assert accounts.token(secret) is None and store.list_tokens() == [], "a removed user's tokens go with them"
+    assert accounts.token(secret) is None and store.tokens.all() == [], "a removed user's tokens go with them"
 
 
 def test_secrets_are_not_stored_in_clear(store: Store, tmp_path: Path) -> None:
@@ -382,22 +382,22 @@ def test_secrets_are_not_stored_in_clear(store: Store, tmp_path: Path) -> None:
 
 
 def test_handling_goes_with_its_event(store: Store) -> None:
-    store.add_event(EventRecord("e1", 1000.0, "app", "cam1", "rule", "person", 0.9))
-    store.add_event(EventRecord("e2", 5000.0, "app", "cam1", "rule", "person", 0.9))
-    first = store.add_handling("e1", "acknowledged", "nurse", "")
-    store.add_handling("e1", "note", "doctor", "checked")
-    store.add_handling("e2", "false_positive", "nurse", "shadow")
+    store.events.add(EventRecord("e1", 1000.0, "app", "cam1", "rule", "person", 0.9))
+    store.events.add(EventRecord("e2", 5000.0, "app", "cam1", "rule", "person", 0.9))
+    first = store.handling.add("e1", "acknowledged", "nurse", "")
+    store.handling.add("e1", "note", "doctor", "checked")
+    store.handling.add("e2", "false_positive", "nurse", "shadow")
     assert first.user == "nurse" and first.ts > 0
-    handling = store.event_handling(["e1", "e2", "e3"])
+    handling = store.handling.for_events(["e1", "e2", "e3"])
     assert [(h.action, h.user, h.note) for h in handling["e1"]] == [("acknowledged", "nurse", ""),
                                                                     ("note", "doctor", "checked")]
     assert "e3" not in handling
     with pytest.raises(NotFound):
-        store.add_handling("e3", "note", "nurse", "")
+        store.handling.add("e3", "note", "nurse", "")
     with pytest.raises(ValueError, match="one of"):
-        store.add_handling("e1", "shrug", "nurse", "")  # type: ignore[arg-type]
-    store.prune_events(older_than_ts=2000.0, max_snapshot_bytes=10**9)
-    assert list(store.event_handling(["e1", "e2"])) == ["e2"]
+        store.handling.add("e1", "shrug", "nurse", "")  # type: ignore[arg-type]
+    store.events.prune(older_than_ts=2000.0, max_snapshot_bytes=10**9)
+    assert list(store.handling.for_events(["e1", "e2"])) == ["e2"]
 
 
 def test_schema_refuses_what_the_code_would_never_write(store: Store) -> None:
@@ -415,15 +415,15 @@ def test_migration_3_keeps_what_a_version_2_database_holds(tmp_path: Path) -> No
 
     path = tmp_path / "old.db"
     with Store(path, migrations=MIGRATIONS[:2]) as old:
-        old.add_event(EventRecord("e1", 1000.0, "app", "cam1", "rule", "person", 0.9))
+        old.events.add(EventRecord("e1", 1000.0, "app", "cam1", "rule", "person", 0.9))
     conn = sqlite3.connect(path)  # as the previous version wrote it: no address column yet
     conn.execute("""INSERT INTO audit_log (ts, actor, action, detail) VALUES (1, 'cli', 'app.install', '{}')""")
     conn.commit()
     conn.close()
     with Store(path) as new:
-        line = new.recent_audit(1)[0]
+        line = new.audit_log.recent(1)[0]
         assert (line.actor, line.action, line.address) == ("cli", "app.install", None)
-        assert new.add_handling("e1", "acknowledged", "nurse").event_id == "e1"
-        new.audit("nurse", "event.handle", {"event": "e1"}, "10.0.0.7")
-        assert new.recent_audit(1)[0].address == "10.0.0.7"
-        assert new.user_count() == 0
+        assert new.handling.add("e1", "acknowledged", "nurse").event_id == "e1"
+        new.audit_log.add("nurse", "event.handle", {"event": "e1"}, "10.0.0.7")
+        assert new.audit_log.recent(1)[0].address == "10.0.0.7"
+        assert new.users.count() == 0

@@ -1,12 +1,15 @@
-"""The shared mechanisms in ``common``: the backoff policy every retry loop uses."""
+"""The shared mechanisms in ``common``: the backoff policy every retry loop uses, and atomic file writes."""
 
 from __future__ import annotations
 
 import random
+import stat
+from pathlib import Path
 
 import pytest
 
 from common.backoff import Backoff
+from common.files import staged_file, write_atomically
 
 
 def test_backoff_doubles_up_to_its_cap_and_jitter_only_shortens() -> None:
@@ -23,3 +26,23 @@ def test_backoff_without_jitter_is_exact_and_a_bad_policy_is_refused() -> None:
     assert [Backoff(0.5, 30.0, jitter=0.0).delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
     with pytest.raises(ValueError, match="jitter"):
         Backoff(jitter=1.5)
+
+
+def test_an_atomic_write_replaces_the_file_and_leaves_no_temporary_behind(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "snapshot.jpg"
+    write_atomically(target, b"old")
+    write_atomically(target, b"new", mode=0o600)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["snapshot.jpg"]
+
+
+def test_staged_files_have_unique_names_and_one_that_fails_is_removed(tmp_path: Path) -> None:
+    with staged_file(tmp_path, "a.json") as (first, first_tmp), staged_file(tmp_path, "a.json") as (_, second_tmp):
+        first.write(b"{}")
+        assert first_tmp != second_tmp and first_tmp.parent == tmp_path
+        assert first_tmp.name.startswith(".a.json.") and first_tmp.name.endswith(".tmp"), "swept by .*.tmp"
+    with pytest.raises(ValueError), staged_file(tmp_path, "b.jpg") as (f, failed):
+        f.write(b"half")
+        raise ValueError("the checksum did not match")
+    assert not failed.exists() and first_tmp.read_bytes() == b"{}"

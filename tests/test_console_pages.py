@@ -191,7 +191,7 @@ def test_forms_need_the_csrf_token(api: ApiServer, pages: dict[str, Page]) -> No
     assert r.status_code == 403 and "security token" in r.text and "reload the page" in r.text
     r = operator.client.post("/alerts/e2/handle", data={"action": "acknowledged", "csrf_token": "forged"})
     assert r.status_code == 403
-    assert api.store.event_handling(["e2"]) == {}, "nothing was stored"
+    assert api.store.handling.for_events(["e2"]) == {}, "nothing was stored"
 
 
 def test_a_viewer_cannot_handle_an_alert(api: ApiServer, pages: dict[str, Page]) -> None:
@@ -199,7 +199,7 @@ def test_a_viewer_cannot_handle_an_alert(api: ApiServer, pages: dict[str, Page])
     assert 'value="acknowledged"' not in page and "an operator handles them" in page
     r = pages["viewer"].post("/alerts/e2/handle", action="acknowledged")
     assert r.status_code == 403 and "needs the operator role" in r.text
-    assert api.store.event_handling(["e2"]) == {}
+    assert api.store.handling.for_events(["e2"]) == {}
 
 
 def test_an_operator_handles_an_alert_and_it_is_audited(api: ApiServer, pages: dict[str, Page]) -> None:
@@ -207,12 +207,12 @@ def test_an_operator_handles_an_alert_and_it_is_audited(api: ApiServer, pages: d
     assert r.status_code == 303 and r.headers["location"] == "/alerts/e3?done=false_positive"
     page = pages["operator"].get(r.headers["location"]).text
     assert "Marked as a false positive" in page and "a coat on a hook" in page and "operator1" in page
-    [record] = api.store.event_handling(["e3"])["e3"]
+    [record] = api.store.handling.for_events(["e3"])["e3"]
     assert (record.action, record.user, record.note) == ("false_positive", "operator1", "a coat on a hook")
-    audit = [a for a in api.store.recent_audit(50) if a.action == "event.handle"]
+    audit = [a for a in api.store.audit_log.recent(50) if a.action == "event.handle"]
     assert audit[0].actor == "operator1" and audit[0].address == "127.0.0.1" and audit[0].detail["event"] == "e3"
     r = pages["operator"].post("/alerts/e3/handle", action="note", note="   ")
-    assert r.headers["location"].endswith("done=empty_note") and len(api.store.event_handling(["e3"])["e3"]) == 1
+    assert r.headers["location"].endswith("done=empty_note") and len(api.store.handling.for_events(["e3"])["e3"]) == 1
 
 
 def test_alert_filters(pages: dict[str, Page]) -> None:
@@ -232,13 +232,13 @@ def test_an_operator_reports_a_missed_detection_on_a_camera_frame(api: ApiServer
     r = pages["operator"].post("/sources/cam1/missed", label="person without helmet", note="left edge")
     assert r.status_code == 303
     event_id = r.headers["location"].split("/")[2].split("?")[0]
-    event = api.store.get_event(event_id)
+    event = api.store.events.get(event_id)
     assert event is not None and (event.source, event.label) == ("cam1", "person without helmet")
-    [record] = api.store.event_handling([event_id])[event_id]
+    [record] = api.store.handling.for_events([event_id])[event_id]
     assert (record.action, record.user, record.note) == ("missed_detection", "operator1", "left edge")
     snapshot = pages["viewer"].get(f"/api/v1/events/{event_id}/snapshot")
     assert snapshot.status_code == 200 and snapshot.content[:2] == b"\xff\xd8", "the frame is kept"
-    assert any(a.action == "event.report_missed" and a.actor == "operator1" for a in api.store.recent_audit(20))
+    assert any(a.action == "event.report_missed" and a.actor == "operator1" for a in api.store.audit_log.recent(20))
     r = pages["operator"].post("/sources/cam9/missed", label="x")
     assert r.status_code == 404 and "no frame from camera cam9" in r.text
 
@@ -253,24 +253,24 @@ def test_sources_show_state_frames_and_trends(pages: dict[str, Page]) -> None:
 def test_only_admins_change_apps_and_users(api: ApiServer, pages: dict[str, Page]) -> None:
     assert pages["operator"].post("/apps/ppe-watch/disable").status_code == 403
     assert pages["operator"].post("/users", name="mallory", role="admin", password="x" * 12).status_code == 403
-    assert api.store.get_user("mallory") is None
+    assert api.store.users.get("mallory") is None
     admin = pages["admin"]
     assert 'action="/apps/ppe-watch/rollback"' in admin.get("/apps").text
     r = admin.post("/apps/ppe-watch/disable")
     assert r.status_code == 303 and "App disabled" in admin.get(r.headers["location"]).text
-    app = api.store.get_app("ppe-watch")
+    app = api.store.apps.get("ppe-watch")
     assert app is not None and not app.enabled
     admin.post("/apps/ppe-watch/enable")
     r = admin.post("/users", name="nurse2", role="viewer", password="ward eight days", lang="zh")
     assert r.status_code == 303
-    user = api.store.get_user("nurse2")
+    user = api.store.users.get("nurse2")
     assert user is not None and (user.role, user.language) == ("viewer", "zh")
     r = admin.post("/users", name="nurse3", role="viewer", password="short")
     assert r.status_code == 422 and "at least 10 characters" in r.text and "Go back" in r.text
     admin.post("/users/nurse2/update", role="operator")
     admin.post("/users/nurse2/remove")
-    assert api.store.get_user("nurse2") is None
-    actions = [a.action for a in api.store.recent_audit(20) if a.actor == "admin1"]
+    assert api.store.users.get("nurse2") is None
+    actions = [a.action for a in api.store.audit_log.recent(20) if a.actor == "admin1"]
     assert {"app.disable", "app.enable", "user.add", "user.update", "user.remove"} <= set(actions)
 
 
@@ -285,12 +285,12 @@ def test_the_store_shows_the_catalog_updates_and_refusals(api: ApiServer, pages:
     assert 'action="/store/ppe-watch/subscribe"' not in admin.get("/store").text, "the channel decides that one"
     assert pages["operator"].post("/store/fall-watch/subscribe").status_code == 403
     r = admin.post("/store/fall-watch/subscribe")
-    assert r.status_code == 303 and api.store.subscriptions() == ["fall-watch"]
+    assert r.status_code == 303 and api.store.subscriptions.all() == ["fall-watch"]
     assert "Subscribed here" in admin.get("/store").text
     admin.post("/store/fall-watch/unsubscribe")
-    assert api.store.subscriptions() == []
-    assert [a.action for a in api.store.recent_audit(5) if a.actor == "admin1"][:2] == ["app.unsubscribe",
-                                                                                        "app.subscribe"]
+    assert api.store.subscriptions.all() == []
+    assert [a.action for a in api.store.audit_log.recent(5) if a.actor == "admin1"][:2] == ["app.unsubscribe",
+                                                                                            "app.subscribe"]
     system = pages["viewer"].get("/system").text
     assert "http://store.test/" in system and "group canary" in system
 
@@ -316,7 +316,7 @@ def test_language_is_the_users_own_and_switchable_on_every_page(api: ApiServer) 
         assert r.status_code == 303 and r.headers["location"] == "/sources"
         html = page.get("/sources").text
         assert '<html lang="zh-Hans">' in html and f"<h1>{zh('Sources')}</h1>" in html
-        user = api.store.get_user("viewer1")
+        user = api.store.users.get("viewer1")
         assert user is not None and user.language == "zh", "kept for the user, on any browser"
         again = Page(api, "viewer1")
         assert '<html lang="zh-Hans">' in again.get("/").text
@@ -336,7 +336,7 @@ def test_the_login_page_follows_the_browser_then_the_choice(api: ApiServer) -> N
 
 
 def test_dates_and_numbers_follow_the_language(api: ApiServer) -> None:
-    api.store.add_event(EventRecord("e-big", 1_700_000_000.0, "ppe-watch", "cam1", "person-seen", "person", 0.5))
+    api.store.events.add(EventRecord("e-big", 1_700_000_000.0, "ppe-watch", "cam1", "person-seen", "person", 0.5))
     page = Page(api, "admin1")
     try:
         en = page.get("/alerts/e-big").text

@@ -43,7 +43,7 @@ def test_file_that_is_not_onnx_is_refused(make_daemon: DaemonFactory, models: di
     from appliance.store import Store
 
     with Store(d.state_dir / "appliance.db") as store:
-        refused = [a for a in store.recent_audit(10) if a.action == "model.install.refused"]
+        refused = [a for a in store.audit_log.recent(10) if a.action == "model.install.refused"]
     assert refused and "not a valid ONNX model" in str(refused[0].detail["reason"]), "refusals are audited"
     listed = d.cli("models", "list").stdout
     assert "demo-gas-anomaly" in listed and "demo-detector" not in listed

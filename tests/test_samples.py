@@ -106,7 +106,7 @@ def test_a_full_spool_drops_the_least_valuable_first_and_counts_drops(store: Sto
     assert keep(s, "missed_detection"), "an operator's flag pushes out the random sample"
     assert keep(s, "near_threshold"), "pushes out the older near-threshold one"
     assert keep(s, "random") is None, "nothing queued is worth less: the new random sample is the one dropped"
-    counts = store.sample_counts()
+    counts = store.samples.counts()
     assert counts["dropped"] == {"random": 2, "near_threshold": 1}
     queued = {r: c["queued"] for r, c in counts["by_reason"].items()}
     assert queued == {"false_positive": 1, "missed_detection": 1, "near_threshold": 1}
@@ -118,17 +118,17 @@ def test_the_count_quota_and_a_low_disk(store: Store, tmp_path: Path) -> None:
     s = spool(store, tmp_path, quota_count=2, min_free_bytes=0)
     for _ in range(4):
         keep(s, "near_threshold")
-    assert store.sample_counts()["by_reason"]["near_threshold"]["queued"] == 2
+    assert store.samples.counts()["by_reason"]["near_threshold"]["queued"] == 2
     full_disk = spool(store, tmp_path, min_free_bytes=2**62)
     assert keep(full_disk, "false_positive") is None, "never fills the disk"
-    assert store.sample_counts()["dropped"]["false_positive"] == 1
+    assert store.samples.counts()["dropped"]["false_positive"] == 1
 
 
 def test_a_sample_keeps_the_frame_the_predictions_and_the_context(store: Store, tmp_path: Path) -> None:
     s = spool(store, tmp_path, site="ward 7", max_side=320, min_free_bytes=0)
     sample_id = keep(s, "near_threshold")
     assert sample_id is not None
-    [record] = store.queued_samples(10)
+    [record] = store.samples.queued(10)
     meta = json.loads(record.meta_json)
     assert meta["site"] == "ward 7" and meta["model"] == "demo-detector@1.0.0" and meta["source"] == "cam1"
     assert meta["predictions"][0]["label"] == "person" and meta["reason"] == "near_threshold"
@@ -206,13 +206,13 @@ def test_samples_wait_while_the_appstore_is_down_and_all_arrive_once(store: Stor
         up.wake()
         wait_until(lambda: up.state.state == "retrying", 20, what="the uploader retrying")
         ids |= {keep(s, "false_positive", source=f"cam{i}") for i in range(5)}  # more flow in meanwhile
-        assert len(store.queued_samples(100)) == 10, "all queued, none lost"
+        assert len(store.samples.queued(100)) == 10, "all queued, none lost"
         sock = socket.socket()
         sock.bind(("127.0.0.1", port))
         sock.listen(64)
         server = uvicorn.Server(uvicorn.Config(build_app(shop.repo), log_level="warning", lifespan="off"))
         threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-        wait_until(lambda: not store.queued_samples(100), 60, what="every sample uploaded")
+        wait_until(lambda: not store.samples.queued(100), 60, what="every sample uploaded")
     finally:
         up.stop()
     received = inbox(shop)
@@ -229,7 +229,7 @@ def test_upload_off_sends_nothing(store: Store, tmp_path: Path, shop: Shop) -> N
     up.start()
     assert up.run_once() == 0 and up.state.state == "off"
     up.stop()
-    assert inbox(shop) == [] and len(store.queued_samples(10)) == 1, "kept on site, nothing left it"
+    assert inbox(shop) == [] and len(store.samples.queued(10)) == 1, "kept on site, nothing left it"
 
 
 def test_metadata_only_sends_no_pixels(store: Store, tmp_path: Path, shop: Shop) -> None:
@@ -378,7 +378,7 @@ def test_every_kind_of_sample_users_produce_arrives_in_the_real_inbox(store: Sto
     assert received[false_positive]["predictions"][0]["box"] == [0.1, 0.2, 0.3, 0.6]
     assert received[classified]["predictions"] == [{"label": "scratch", "score": 0.55, "box": None}]
     assert [p["label"] for p in received[crowd]["predictions"]] == ["person", "helmet", "vest"]
-    assert up.state.refused == 0 and not store.queued_samples(10)
+    assert up.state.refused == 0 and not store.samples.queued(10)
 
 
 def test_a_record_the_inbox_refuses_is_set_aside_and_the_queue_moves_on(store: Store, tmp_path: Path,
@@ -390,19 +390,19 @@ def test_a_record_the_inbox_refuses_is_set_aside_and_the_queue_moves_on(store: S
     # the head of the queue: a record the AppStore refuses (it names another device than the one sending it)
     bad = SampleCapture(Spool(store, s._settings, tmp_path / "samples", "someone-else"), store, tmp_path, {}) \
         .flag_frame("cam9", FRAME, "person")
-    assert bad is not None and store.queued_samples(1)[0].id == bad, "the bad one is first in line"
+    assert bad is not None and store.samples.queued(1)[0].id == bad, "the bad one is first in line"
 
     up = uploader(store, s, shop, device(shop), upload="full")
     up.start()
     try:
-        wait_until(lambda: not store.queued_samples(10), 30, what="the queue emptied")
+        wait_until(lambda: not store.samples.queued(10), 30, what="the queue emptied")
     finally:
         up.stop()
     assert {x["meta"]["id"] for x in inbox(shop)} == behind, "every good sample arrived; the bad one did not"
     assert up.state.refused == 1 and "someone-else" in up.state.last_refusal
-    [refused] = [r for r in store.recent_samples(10) if r.id == bad]
+    [refused] = [r for r in store.samples.recent(10) if r.id == bad]
     assert refused.state == "refused" and "a device sends only its own samples" in refused.refused_reason
-    assert store.sample_counts()["by_reason"]["missed_detection"]["refused"] == 1
+    assert store.samples.counts()["by_reason"]["missed_detection"]["refused"] == 1
     assert not s.path(bad).exists(), "its frame left the disk"
     assert up.run_once() == 0 and len(inbox(shop)) == 3, "never sent again"
 
@@ -415,16 +415,16 @@ def test_a_transient_refusal_is_retried_not_set_aside(store: Store, tmp_path: Pa
     with pytest.raises(Refused) as caught:
         up.run_once()
     assert caught.value.status == 401 and not caught.value.permanent
-    assert len(store.queued_samples(10)) == 1 and up.state.refused == 0, "still queued, not set aside"
+    assert len(store.samples.queued(10)) == 1 and up.state.refused == 0, "still queued, not set aside"
 
 
 def test_a_lowered_quota_is_applied_at_start(store: Store, tmp_path: Path) -> None:
     big = spool(store, tmp_path, min_free_bytes=0)
     kept = [keep(big, "random", source=f"cam{i}") for i in range(4)] + [keep(big, "false_positive")]
-    assert None not in kept and len(store.queued_samples(10)) == 5
+    assert None not in kept and len(store.samples.queued(10)) == 5
     small = spool(store, tmp_path, min_free_bytes=0, quota_count=2)
     small.tidy()  # what the daemon does at start
-    left = {r.id for r in store.queued_samples(10)}
+    left = {r.id for r in store.samples.queued(10)}
     assert len(left) == 2 and kept[-1] in left, "the operator's flag stays; the random ones go first"
     assert sorted(p.stem for p in (tmp_path / "samples").glob("*.jpg")) == sorted(left), "their frames left too"
-    assert store.sample_counts()["dropped"] == {"random": 3}
+    assert store.samples.counts()["dropped"] == {"random": 3}

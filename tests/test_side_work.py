@@ -68,7 +68,7 @@ def test_a_failing_sample_capture_does_not_stop_the_alerts(monkeypatch: pytest.M
         try:
             for i in range(3):
                 pub.publish("cameras/cam1/frame", render_frame(float(i), 0))
-                wait_until(lambda i=i: len(store.recent_events(10)) >= i + 1, 30,  # type: ignore[misc]
+                wait_until(lambda i=i: len(store.events.recent(10)) >= i + 1, 30,  # type: ignore[misc]
                            what=f"alert {i + 1} despite the failing capture")
         finally:
             pub.close()

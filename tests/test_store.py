@@ -54,13 +54,13 @@ def _raw(path: Path) -> sqlite3.Connection:
 
 def _add_model(store: Store, name: str = "ppe-detector", version: str = "1.0.0") -> None:
     card = json.dumps({"name": name, "version": version, "task": "detection"})
-    store.add_model(card, name, version, "detection", "ab" * 32, 1234, f"models/{name}/{version}/model.onnx")
+    store.models.add(card, name, version, "detection", "ab" * 32, 1234, f"models/{name}/{version}/model.onnx")
 
 
 def _add_app(store: Store, name: str = "ppe-watch", version: str = "1.0.0", model: str = "ppe-detector",
              model_version: str = "1.0.0") -> None:
     manifest = json.dumps({"name": name, "version": version, "model": {"name": model, "version": model_version}})
-    store.add_app(manifest, name, version, model, model_version)
+    store.apps.add(manifest, name, version, model, model_version)
 
 
 def _event(i: int, *, ts: float | None = None, app: str = "ppe-watch", source: str = "cam1",
@@ -104,7 +104,7 @@ def test_reopening_applies_nothing_twice_and_keeps_data(db_path: Path) -> None:
         _add_model(store)
         generation = store.config_generation()
     with Store(db_path) as store:
-        assert [m.key for m in store.list_models()] == ["ppe-detector@1.0.0"]
+        assert [m.key for m in store.models.all()] == ["ppe-detector@1.0.0"]
         assert store.config_generation() == generation
     conn = _raw(db_path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -170,28 +170,28 @@ def test_models_add_get_list_remove(store: Store) -> None:
     _add_model(store, version="1.0.0")
     _add_model(store, version="1.1.0")
     _add_model(store, name="gas-anomaly", version="2.0.0")
-    assert [m.key for m in store.list_models()] == ["gas-anomaly@2.0.0", "ppe-detector@1.0.0", "ppe-detector@1.1.0"]
-    model = store.get_model("ppe-detector", "1.1.0")
+    assert [m.key for m in store.models.all()] == ["gas-anomaly@2.0.0", "ppe-detector@1.0.0", "ppe-detector@1.1.0"]
+    model = store.models.get("ppe-detector", "1.1.0")
     assert model is not None
     assert (model.task, model.size_bytes, model.path) == ("detection", 1234, "models/ppe-detector/1.1.0/model.onnx")
     assert json.loads(model.card_json)["version"] == "1.1.0"
-    assert store.get_model("ppe-detector", "9.9.9") is None
+    assert store.models.get("ppe-detector", "9.9.9") is None
 
-    removed = store.remove_model("ppe-detector", "1.0.0")
+    removed = store.models.remove("ppe-detector", "1.0.0")
     assert removed.key == "ppe-detector@1.0.0"
-    assert store.get_model("ppe-detector", "1.0.0") is None
+    assert store.models.get("ppe-detector", "1.0.0") is None
 
 
 def test_a_duplicate_model_is_refused(store: Store) -> None:
     _add_model(store)
     with pytest.raises(ModelExists, match=r"ppe-detector@1\.0\.0 is already installed; remove it first"):
         _add_model(store)
-    assert len(store.list_models()) == 1
+    assert len(store.models.all()) == 1
 
 
 def test_removing_a_missing_model_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound, match=r"model ghost@1 is not installed"):
-        store.remove_model("ghost", "1")
+        store.models.remove("ghost", "1")
 
 
 def test_a_model_in_use_cannot_be_removed(store: Store) -> None:
@@ -199,13 +199,13 @@ def test_a_model_in_use_cannot_be_removed(store: Store) -> None:
     _add_app(store, name="ppe-watch")
     _add_app(store, name="gate-watch")
     with pytest.raises(ModelInUse) as info:
-        store.remove_model("ppe-detector", "1.0.0")
+        store.models.remove("ppe-detector", "1.0.0")
     assert info.value.apps == ["gate-watch", "ppe-watch"]
     assert "used by app(s) gate-watch, ppe-watch" in str(info.value)
-    store.remove_app("ppe-watch")
-    store.remove_app("gate-watch")
-    store.remove_model("ppe-detector", "1.0.0")
-    assert store.list_models() == []
+    store.apps.remove("ppe-watch")
+    store.apps.remove("gate-watch")
+    store.models.remove("ppe-detector", "1.0.0")
+    assert store.models.all() == []
 
 
 def test_an_app_needs_its_model_installed(store: Store) -> None:
@@ -213,33 +213,33 @@ def test_an_app_needs_its_model_installed(store: Store) -> None:
         _add_app(store)
     assert "ppe-detector@1.0.0" in str(info.value)
     assert "appliance models add" in str(info.value)
-    assert store.list_apps() == []
+    assert store.apps.all() == []
 
 
 def test_apps_add_upgrade_enable_remove(store: Store) -> None:
     _add_model(store, version="1.0.0")
     _add_model(store, version="2.0.0")
     _add_app(store)
-    app = store.get_app("ppe-watch")
+    app = store.apps.get("ppe-watch")
     assert app is not None and app.enabled and app.model_key == "ppe-detector@1.0.0"
 
-    disabled = store.set_app_enabled("ppe-watch", False)
+    disabled = store.apps.set_enabled("ppe-watch", False)
     assert not disabled.enabled
 
     _add_app(store, version="1.1.0", model_version="2.0.0")  # upgrade keeps the enabled flag
-    upgraded = store.get_app("ppe-watch")
+    upgraded = store.apps.get("ppe-watch")
     assert upgraded is not None
     assert (upgraded.key, upgraded.model_key, upgraded.enabled) == ("ppe-watch@1.1.0", "ppe-detector@2.0.0", False)
     assert json.loads(upgraded.manifest_json)["version"] == "1.1.0"
-    assert [a.name for a in store.list_apps()] == ["ppe-watch"]
-    store.remove_model("ppe-detector", "1.0.0")  # no longer in use after the upgrade
+    assert [a.name for a in store.apps.all()] == ["ppe-watch"]
+    store.models.remove("ppe-detector", "1.0.0")  # no longer in use after the upgrade
 
-    assert store.remove_app("ppe-watch").key == "ppe-watch@1.1.0"
-    assert store.get_app("ppe-watch") is None
+    assert store.apps.remove("ppe-watch").key == "ppe-watch@1.1.0"
+    assert store.apps.get("ppe-watch") is None
     with pytest.raises(NotFound, match="app ppe-watch is not installed"):
-        store.remove_app("ppe-watch")
+        store.apps.remove("ppe-watch")
     with pytest.raises(NotFound, match="app ppe-watch is not installed"):
-        store.set_app_enabled("ppe-watch", True)
+        store.apps.set_enabled("ppe-watch", True)
 
 
 def test_config_generation_counts_changes_to_models_and_apps(store: Store) -> None:
@@ -257,22 +257,22 @@ def test_config_generation_counts_changes_to_models_and_apps(store: Store) -> No
     assert changed()
     _add_app(store, version="1.0.1")
     assert changed()
-    store.set_app_enabled("ppe-watch", False)
+    store.apps.set_enabled("ppe-watch", False)
     assert changed()
-    store.set_app_enabled("ppe-watch", False)  # already disabled: nothing to reload
+    store.apps.set_enabled("ppe-watch", False)  # already disabled: nothing to reload
     assert not changed()
     with pytest.raises(ModelExists):
         _add_model(store)
     with pytest.raises(ModelInUse):
-        store.remove_model("ppe-detector", "1.0.0")
+        store.models.remove("ppe-detector", "1.0.0")
     assert not changed()  # refused changes do not bump it
-    store.add_event(_event(1))
-    store.touch_sources([("cam1", "camera", 1.0)])
-    store.audit("admin", "test", {})
+    store.events.add(_event(1))
+    store.sources.touch([("cam1", "camera", 1.0)])
+    store.audit_log.add("admin", "test", {})
     assert not changed()  # only models and apps count
-    store.remove_app("ppe-watch")
+    store.apps.remove("ppe-watch")
     assert changed()
-    store.remove_model("ppe-detector", "1.0.0")
+    store.models.remove("ppe-detector", "1.0.0")
     assert changed()
 
 
@@ -280,82 +280,82 @@ def test_config_generation_counts_changes_to_models_and_apps(store: Store) -> No
 
 
 def test_sources_keep_their_first_sighting(store: Store) -> None:
-    store.touch_sources([("cam1", "camera", 10.0), ("gas1", "sensor", 11.0)])
-    store.touch_sources([("cam1", "camera", 20.0)])
-    store.touch_sources([("cam1", "camera", 15.0)])  # late, out-of-order batch does not move last_seen back
-    by_id = {s.id: s for s in store.list_sources()}
+    store.sources.touch([("cam1", "camera", 10.0), ("gas1", "sensor", 11.0)])
+    store.sources.touch([("cam1", "camera", 20.0)])
+    store.sources.touch([("cam1", "camera", 15.0)])  # late, out-of-order batch does not move last_seen back
+    by_id = {s.id: s for s in store.sources.all()}
     assert (by_id["cam1"].first_seen, by_id["cam1"].last_seen, by_id["cam1"].kind) == (10.0, 20.0, "camera")
     assert (by_id["gas1"].first_seen, by_id["gas1"].last_seen, by_id["gas1"].kind) == (11.0, 11.0, "sensor")
     with pytest.raises(ValueError, match="kind must be 'camera' or 'sensor'"):
-        store.touch_sources([("x", "microphone", 1.0)])
+        store.sources.touch([("x", "microphone", 1.0)])
 
 
 def test_events_newest_first_with_filters(store: Store) -> None:
     first = _event(1, app="ppe-watch", source="cam1", snapshot_bytes=100)
-    store.add_event(first)
-    store.add_event(_event(2, app="gas-watch", source="gas1"))
-    store.add_event(_event(3, app="ppe-watch", source="cam2", snapshot_bytes=50))
-    store.add_event(_event(4, app="ppe-watch", source="cam1"))
-    assert [e.id for e in store.recent_events()] == ["ev-4", "ev-3", "ev-2", "ev-1"]
-    assert [e.id for e in store.recent_events(limit=2)] == ["ev-4", "ev-3"]
-    assert [e.id for e in store.recent_events(app="ppe-watch")] == ["ev-4", "ev-3", "ev-1"]
-    assert [e.id for e in store.recent_events(app="ppe-watch", source="cam1")] == ["ev-4", "ev-1"]
-    assert store.event_totals() == (4, 150)
+    store.events.add(first)
+    store.events.add(_event(2, app="gas-watch", source="gas1"))
+    store.events.add(_event(3, app="ppe-watch", source="cam2", snapshot_bytes=50))
+    store.events.add(_event(4, app="ppe-watch", source="cam1"))
+    assert [e.id for e in store.events.recent()] == ["ev-4", "ev-3", "ev-2", "ev-1"]
+    assert [e.id for e in store.events.recent(limit=2)] == ["ev-4", "ev-3"]
+    assert [e.id for e in store.events.recent(app="ppe-watch")] == ["ev-4", "ev-3", "ev-1"]
+    assert [e.id for e in store.events.recent(app="ppe-watch", source="cam1")] == ["ev-4", "ev-1"]
+    assert store.events.totals() == (4, 150)
 
-    stored = store.get_event("ev-1")
+    stored = store.events.get("ev-1")
     assert stored == first
     assert stored is not None
     assert (stored.box, stored.snapshot, stored.snapshot_bytes) == ((0.1, 0.2, 0.3, 0.4), "snapshots/ev-1.jpg", 100)
-    assert store.get_event("nope") is None
+    assert store.events.get("nope") is None
 
     with pytest.raises(StoreError, match="event ev-1 is already stored"):
-        store.add_event(_event(1))
+        store.events.add(_event(1))
     with pytest.raises(ValueError, match="relative to the state directory"):
-        store.add_event(EventRecord("bad", 1.0, "a", "s", "r", "l", 0.5, snapshot="../../etc/passwd"))
-    assert store.event_totals() == (4, 150)
+        store.events.add(EventRecord("bad", 1.0, "a", "s", "r", "l", 0.5, snapshot="../../etc/passwd"))
+    assert store.events.totals() == (4, 150)
 
 
 def test_prune_by_age(store: Store) -> None:
     for i in range(1, 6):
-        store.add_event(_event(i, snapshot_bytes=10))
-    removed = store.prune_events(older_than_ts=3.0, max_snapshot_bytes=10_000)
+        store.events.add(_event(i, snapshot_bytes=10))
+    removed = store.events.prune(older_than_ts=3.0, max_snapshot_bytes=10_000)
     assert [e.id for e in removed] == ["ev-1", "ev-2"]
-    assert [e.id for e in store.recent_events()] == ["ev-5", "ev-4", "ev-3"]
-    assert store.event_totals() == (3, 30)
+    assert [e.id for e in store.events.recent()] == ["ev-5", "ev-4", "ev-3"]
+    assert store.events.totals() == (3, 30)
 
 
 def test_prune_by_snapshot_bytes_removes_the_oldest_first(store: Store) -> None:
     # inserted out of time order: age is the event's ts, not the insertion order
     for i, size in [(3, 300), (1, 100), (5, 0), (2, 200), (4, 400)]:
-        store.add_event(_event(i, snapshot_bytes=size))
-    assert store.event_totals() == (5, 1000)
-    removed = store.prune_events(older_than_ts=0.0, max_snapshot_bytes=450)
+        store.events.add(_event(i, snapshot_bytes=size))
+    assert store.events.totals() == (5, 1000)
+    removed = store.events.prune(older_than_ts=0.0, max_snapshot_bytes=450)
     assert [e.id for e in removed] == ["ev-1", "ev-2", "ev-3"]
     assert [(e.snapshot, e.snapshot_bytes) for e in removed] == [
         ("snapshots/ev-1.jpg", 100),
         ("snapshots/ev-2.jpg", 200),
         ("snapshots/ev-3.jpg", 300),
     ]
-    assert store.event_totals() == (2, 400)
-    assert store.prune_events(older_than_ts=0.0, max_snapshot_bytes=450) == []
+    assert store.events.totals() == (2, 400)
+    assert store.events.prune(older_than_ts=0.0, max_snapshot_bytes=450) == []
 
 
 def test_prune_by_age_then_bytes(store: Store) -> None:
     for i in range(1, 7):
-        store.add_event(_event(i, snapshot_bytes=100))
-    removed = store.prune_events(older_than_ts=3.0, max_snapshot_bytes=250)
+        store.events.add(_event(i, snapshot_bytes=100))
+    removed = store.events.prune(older_than_ts=3.0, max_snapshot_bytes=250)
     assert [e.id for e in removed] == ["ev-1", "ev-2", "ev-3", "ev-4"]
-    assert store.event_totals() == (2, 200)
+    assert store.events.totals() == (2, 200)
     with pytest.raises(ValueError):
-        store.prune_events(older_than_ts=0.0, max_snapshot_bytes=-1)
+        store.events.prune(older_than_ts=0.0, max_snapshot_bytes=-1)
 
 
 def test_audit_log_newest_first(db_path: Path) -> None:
     ticks = iter(range(100, 200))
     with Store(db_path, clock=lambda: float(next(ticks))) as store:
-        store.audit("admin", "models.add", {"model": "ppe-detector@1.0.0"})
-        store.audit("operator", "apps.disable", {"app": "ppe-watch", "path": Path("/x")})
-        lines = store.recent_audit(10)
+        store.audit_log.add("admin", "models.add", {"model": "ppe-detector@1.0.0"})
+        store.audit_log.add("operator", "apps.disable", {"app": "ppe-watch", "path": Path("/x")})
+        lines = store.audit_log.recent(10)
     assert [(a.actor, a.action) for a in lines] == [("operator", "apps.disable"), ("admin", "models.add")]
     assert lines[0].detail == {"app": "ppe-watch", "path": "/x"}
     assert lines[0].ts > lines[1].ts
@@ -370,14 +370,14 @@ def test_concurrent_writes_from_many_threads_all_land(store: Store) -> None:
 
     def work(t: int) -> None:
         for i in range(per_thread):
-            store.add_event(_event(t * 1000 + i, snapshot_bytes=1))
-            store.touch_sources([(f"cam{t}", "camera", float(i))])
+            store.events.add(_event(t * 1000 + i, snapshot_bytes=1))
+            store.sources.touch([(f"cam{t}", "camera", float(i))])
 
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(work, t) for t in range(threads)]:
             f.result()
-    assert store.event_totals() == (threads * per_thread, threads * per_thread)
-    assert len(store.list_sources()) == threads
+    assert store.events.totals() == (threads * per_thread, threads * per_thread)
+    assert len(store.sources.all()) == threads
 
 
 def test_two_stores_on_one_file_write_at_once(db_path: Path) -> None:
@@ -385,18 +385,18 @@ def test_two_stores_on_one_file_write_at_once(db_path: Path) -> None:
     with Store(db_path) as daemon, Store(db_path) as cli:
         def work(s: Store, base: int) -> None:
             for i in range(50):
-                s.add_event(_event(base + i))
+                s.events.add(_event(base + i))
 
         with ThreadPoolExecutor(2) as pool:
             for f in [pool.submit(work, daemon, 0), pool.submit(work, cli, 1000)]:
                 f.result()
-        assert daemon.event_totals()[0] == cli.event_totals()[0] == 100
+        assert daemon.events.totals()[0] == cli.events.totals()[0] == 100
 
 
 def test_reads_from_other_threads_see_committed_writes(store: Store) -> None:
     _add_model(store)
     with ThreadPoolExecutor(4) as pool:
-        keys = list(pool.map(lambda _: [m.key for m in store.list_models()], range(8)))
+        keys = list(pool.map(lambda _: [m.key for m in store.models.all()], range(8)))
         assert keys == [["ppe-detector@1.0.0"]] * 8
         _add_app(store)
         generations = set(pool.map(lambda _: store.config_generation(), range(8)))
@@ -405,13 +405,13 @@ def test_reads_from_other_threads_see_committed_writes(store: Store) -> None:
 
 def test_close_is_idempotent_and_later_use_raises(db_path: Path) -> None:
     store = Store(db_path)
-    store.list_models()  # opens this thread's read connection
+    store.models.all()  # opens this thread's read connection
     store.close()
     store.close()
     assert store.closed
     assert not _writer_threads()
     with pytest.raises(StoreClosed, match="is closed"):
-        store.list_models()
+        store.models.all()
     with pytest.raises(StoreClosed, match="is closed"):
         _add_model(store)
     with ThreadPoolExecutor(1) as pool:  # a thread that never read before
@@ -430,7 +430,7 @@ def test_close_drains_writes_already_queued(db_path: Path) -> None:
         for i in range(10_000):
             event = _event(t * 100_000 + i)
             try:
-                store.add_event(event)
+                store.events.add(event)
             except StoreClosed:
                 with lock:
                     refused.append(event.id)
@@ -450,7 +450,7 @@ def test_close_drains_writes_already_queued(db_path: Path) -> None:
         assert not w.is_alive()
     assert len(refused) == 4  # every worker was stopped by the close, not by running out of work
     with Store(db_path) as reopened:
-        stored = {e.id for e in reopened.recent_events(limit=100_000)}
+        stored = {e.id for e in reopened.events.recent(limit=100_000)}
     assert stored == set(committed)  # every write that returned is there, nothing else
     assert not stored & set(refused)
 
@@ -462,8 +462,8 @@ from appliance.store import EventRecord, Store
 
 store = Store(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
-    store.add_event(EventRecord(id=f"crash-{i}", ts=float(i), app="a", source="cam1", rule="r", label="l",
-                                score=0.5, snapshot=f"snapshots/{i}.jpg", snapshot_bytes=10))
+    store.events.add(EventRecord(id=f"crash-{i}", ts=float(i), app="a", source="cam1", rule="r", label="l",
+                                 score=0.5, snapshot=f"snapshots/{i}.jpg", snapshot_bytes=10))
 print("ready", flush=True)
 sys.stdin.read()  # wait to be killed
 """
@@ -497,7 +497,7 @@ def test_committed_writes_survive_sigkill(db_path: Path) -> None:
             for stream in (child.stdin, child.stdout, child.stderr):
                 if stream is not None:
                     stream.close()
-        assert daemon.event_totals() == (n, 10 * n)
+        assert daemon.events.totals() == (n, 10 * n)
     with Store(db_path) as reopened:
-        assert reopened.event_totals() == (n, 10 * n)
-        assert {e.id for e in reopened.recent_events(limit=n)} == {f"crash-{i}" for i in range(n)}
+        assert reopened.events.totals() == (n, 10 * n)
+        assert {e.id for e in reopened.events.recent(limit=n)} == {f"crash-{i}" for i in range(n)}

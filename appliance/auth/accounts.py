@@ -118,8 +118,9 @@ class Accounts:
     def add_user(self, name: str, role: Role, password: str, by: Actor, language: Language = "en") -> UserRecord:
         check_user_name(name)
         check_password(password, name, self.policy)
-        user = self.store.add_user(name, role, hash_password(password, self.scrypt), language)
-        self.store.audit(by.name, "user.add", {"user": user.name, "role": role, "language": language}, by.address)
+        user = self.store.users.add(name, role, hash_password(password, self.scrypt), language)
+        self.store.audit_log.add(by.name, "user.add", {"user": user.name, "role": role, "language": language},
+                                 by.address)
         log.info("user %s added (%s) by %s from %s", user.name, role, by.name, by.address)
         return user
 
@@ -129,7 +130,7 @@ class Accounts:
         """Change a user; a new password or disabling ends their other sessions (``keep_session``: the
         session hash of the caller changing their own password, which stays)."""
         if role is None and language is None and disabled is None and password is None:
-            current = self.store.get_user(name)
+            current = self.store.users.get(name)
             if current is None:
                 raise NotFound(f"no user named {name!r}")
             return current  # nothing to change, nothing to audit
@@ -137,13 +138,13 @@ class Accounts:
         if password is not None:
             check_password(password, name, self.policy)
             new_hash = hash_password(password, self.scrypt)
-        user = self.store.update_user(name, role=role, language=language, disabled=disabled, password_hash=new_hash,
-                                      end_sessions=password is not None, keep_session=keep_session)
+        user = self.store.users.update(name, role=role, language=language, disabled=disabled, password_hash=new_hash,
+                                       end_sessions=password is not None, keep_session=keep_session)
         changes: dict[str, object] = {k: v for k, v in (("role", role), ("language", language),
                                                          ("disabled", disabled)) if v is not None}
         if password is not None:
             changes["password"] = "changed"
-        self.store.audit(by.name, "user.update", {"user": user.name, "changes": changes}, by.address)
+        self.store.audit_log.add(by.name, "user.update", {"user": user.name, "changes": changes}, by.address)
         return user
 
     def change_own_password(self, principal: Principal, current: str, new: str, address: str) -> UserRecord:
@@ -154,15 +155,15 @@ class Accounts:
             self._refused(e, principal.name, address)
             raise
         if not verify_password(current, principal.user.password_hash):
-            self.store.audit(principal.name, "user.password.failed", {"user": principal.name}, address)
+            self.store.audit_log.add(principal.name, "user.password.failed", {"user": principal.name}, address)
             raise LoginFailed("the current password is wrong; nothing was changed")
         self.limiter.withdraw(attempt)
         return self.update_user(principal.name, principal.actor(address), password=new,
                                 keep_session=principal.session_hash)
 
     def remove_user(self, name: str, by: Actor) -> UserRecord:
-        user = self.store.remove_user(name)
-        self.store.audit(by.name, "user.remove", {"user": user.name, "role": user.role}, by.address)
+        user = self.store.users.remove(name)
+        self.store.audit_log.add(by.name, "user.remove", {"user": user.name, "role": user.role}, by.address)
         log.info("user %s removed by %s from %s", user.name, by.name, by.address)
         return user
 
@@ -176,29 +177,30 @@ class Accounts:
         except TooManyAttempts as e:
             self._refused(e, name, address)
             raise
-        if self.store.user_count() == 0:
+        if self.store.users.count() == 0:
             self.limiter.withdraw(attempt)
             raise NoUsersYet()
-        user = self.store.get_user(name)
+        user = self.store.users.get(name)
         ok = verify_password(password, user.password_hash if user else dummy_hash(self.scrypt))
         if user is None or not ok:
             # an unknown name is not recorded: it is often a password typed into the wrong field
             who = user.name if user else "(unknown user)"
             log.warning("login failed for %s from %s (%d of %d allowed in %.0f s)", who, address, attempt.failures,
                         self.limiter.limits.per_user_address, self.limiter.limits.window_s)
-            self.store.audit(who, "login.failed", {"reason": "wrong password" if user else "unknown user"}, address)
+            self.store.audit_log.add(who, "login.failed", {"reason": "wrong password" if user else "unknown user"},
+                                     address)
             raise LoginFailed("wrong user name or password")
         self.limiter.withdraw(attempt)  # the right password, even for a disabled account, is no guess
         if user.disabled:
-            self.store.audit(user.name, "login.failed", {"reason": "account disabled"}, address)
+            self.store.audit_log.add(user.name, "login.failed", {"reason": "account disabled"}, address)
             raise LoginFailed(f"the account {user.name} is disabled; ask an admin to enable it")
         self.limiter.succeeded(name, address)
         if needs_rehash(user.password_hash, self.scrypt):
-            user = self.store.update_user(user.name, password_hash=hash_password(password, self.scrypt))
+            user = self.store.users.update(user.name, password_hash=hash_password(password, self.scrypt))
         cookie, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), self._clock()
         expires = now + self.sessions.lifetime_s
-        self.store.add_session(SessionRecord(_sha256(cookie), user.name, csrf, now, expires, address))
-        self.store.audit(user.name, "login", {"role": user.role}, address)
+        self.store.sessions.add(SessionRecord(_sha256(cookie), user.name, csrf, now, expires, address))
+        self.store.audit_log.add(user.name, "login", {"role": user.role}, address)
         log.info("user %s logged in from %s", user.name, address)
         return NewSession(cookie, csrf, expires, user)
 
@@ -206,7 +208,7 @@ class Accounts:
         """Log a refusal at most once a minute per limit (the log line counts the others)."""
         limits = self.limiter.limits
         if e.cause == "user":
-            user = self.store.get_user(name)  # a name that is no user is not logged: it may be a password
+            user = self.store.users.get(name)  # a name that is no user is not logged: it may be a password
             _throttled.warning(
                 ("login-limited", e.cause),
                 "login refused for %s from %s: that name has had %d or more failed logins from many addresses in "
@@ -218,7 +220,7 @@ class Accounts:
 
     def session(self, cookie: str) -> Principal | None:
         """The principal of a session cookie, or None if it is unknown, expired or its user disabled."""
-        found = self.store.get_session(_sha256(cookie))
+        found = self.store.sessions.get(_sha256(cookie))
         if found is None:
             return None
         session, user = found
@@ -228,30 +230,31 @@ class Accounts:
 
     def logout(self, principal: Principal, address: str) -> None:
         if principal.session_hash is not None:
-            self.store.remove_session(principal.session_hash)
-        self.store.audit(principal.name, "logout", {}, address)
+            self.store.sessions.remove(principal.session_hash)
+        self.store.audit_log.add(principal.name, "logout", {}, address)
 
     # API tokens
 
     def create_token(self, user: str, name: str, by: Actor) -> tuple[TokenRecord, str]:
         """A new API token for ``user``: the record, and the secret, which is shown once and kept nowhere."""
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        owner = self.store.get_user(user)
+        owner = self.store.users.get(user)
         record = TokenRecord(secrets.token_hex(6), name, owner.name if owner else user, _sha256(secret),
                              self._clock())
-        self.store.add_token(record)
-        self.store.audit(by.name, "token.create", {"token": record.id, "name": name, "user": record.user}, by.address)
+        self.store.tokens.add(record)
+        self.store.audit_log.add(by.name, "token.create", {"token": record.id, "name": name, "user": record.user},
+                                 by.address)
         return record, secret
 
     def revoke_token(self, token_id: str, by: Actor) -> TokenRecord:
-        record = self.store.remove_token(token_id)
-        self.store.audit(by.name, "token.revoke", {"token": record.id, "name": record.name, "user": record.user},
-                         by.address)
+        record = self.store.tokens.remove(token_id)
+        self.store.audit_log.add(by.name, "token.revoke",
+                                 {"token": record.id, "name": record.name, "user": record.user}, by.address)
         return record
 
     def token(self, secret: str) -> Principal | None:
         """The principal of an API token, or None if it is unknown (revoked) or its user disabled."""
-        found = self.store.find_token(_sha256(secret))
+        found = self.store.tokens.find(_sha256(secret))
         if found is None:
             return None
         token, user = found
@@ -259,5 +262,5 @@ class Accounts:
             return None
         now = self._clock()
         if token.last_used is None or now - token.last_used >= self.sessions.token_touch_s:
-            self.store.touch_token(token.id, now)
+            self.store.tokens.touch(token.id, now)
         return Principal(user, "token", token_id=token.id)

@@ -58,7 +58,7 @@ def build_bundle(settings: Settings, store: Store, status: Callable[[], DaemonSt
         "settings.json": json.dumps(redact(settings.model_dump(mode="json")), indent=1),
         "logs.txt": "\n".join(logs()) + "\n",
         "audit.json": json.dumps([{"ts": a.ts, "actor": a.actor, "action": a.action, "detail": dict(a.detail),
-                                   "address": a.address} for a in store.recent_audit(limit=AUDIT_LINES)],
+                                   "address": a.address} for a in store.audit_log.recent(limit=AUDIT_LINES)],
                                  indent=1, default=str),
         "hardware.json": json.dumps(hardware(), indent=1, default=str),
         "versions.json": json.dumps(_versions(), indent=1),

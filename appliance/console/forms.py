@@ -175,7 +175,7 @@ async def diagnostics(who: PageOperator, request: Request) -> Response:
     if ctx.diagnostics is None:
         raise NotFound("this server has no diagnostics bundle")
     data = await run_in_threadpool(ctx.diagnostics)
-    await run_in_threadpool(ctx.store.audit, who.name, "diagnostics.download", {"bytes": len(data)},
+    await run_in_threadpool(ctx.store.audit_log.add, who.name, "diagnostics.download", {"bytes": len(data)},
                             client_address(request))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     device = re.sub(r"[^A-Za-z0-9._-]", "_", ctx.status().device or "appliance")[:64]

@@ -49,7 +49,7 @@ def health(status: DaemonStatus) -> tuple[str, str]:
 
 
 def _with_handling(request: Request, events: list[EventRecord]) -> list[tuple[EventRecord, list[HandlingRecord]]]:
-    handling = console(request).store.event_handling([e.id for e in events])
+    handling = console(request).store.handling.for_events([e.id for e in events])
     return [(e, handling.get(e.id, [])) for e in events]
 
 
@@ -58,7 +58,7 @@ def overview(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
     status = daemon_status(request)
     level, reason = health(status)
-    alerts = _with_handling(request, ctx.store.recent_events(limit=OVERVIEW_ALERTS))
+    alerts = _with_handling(request, ctx.store.events.recent(limit=OVERVIEW_ALERTS))
     return render(request, "overview.html", who, status=status, level=level, reason=reason, alerts=alerts,
                   now=time.time())
 
@@ -68,12 +68,12 @@ def alerts(who: PageViewer, request: Request, app: Text = "", source: Text = "",
            period: Text = "") -> Response:
     ctx = console(request)
     since = time.time() - PERIODS[period] if period in PERIODS else None
-    found = ctx.store.recent_events(limit=ALERTS_PAGE, app=app or None, source=source or None,
+    found = ctx.store.events.recent(limit=ALERTS_PAGE, app=app or None, source=source or None,
                                     label=label or None, since=since)
     status = daemon_status(request)
     choices = {"apps": sorted(a.name for a in status.apps),
                "sources": sorted(s.id for s in status.sources),
-               "labels": sorted({e.label for e in ctx.store.recent_events(limit=500)})}
+               "labels": sorted({e.label for e in ctx.store.events.recent(limit=500)})}
     filters = {"app": app, "source": source, "label": label, "period": period}
     return render(request, "alerts.html", who, alerts=_with_handling(request, found), filters=filters,
                   choices=choices, periods=list(PERIODS), filtered=any(filters.values()))
@@ -82,7 +82,7 @@ def alerts(who: PageViewer, request: Request, app: Text = "", source: Text = "",
 @router.get("/alerts/{event_id}", response_class=HTMLResponse)
 def alert(event_id: str, who: PageViewer, request: Request) -> Response:
     ctx = console(request)
-    event = ctx.store.get_event(event_id[:64])
+    event = ctx.store.events.get(event_id[:64])
     if event is None:
         raise NotFound(f"alert {event_id[:64]} is not stored (retention may have removed it)")
     [(_, handling)] = _with_handling(request, [event])
@@ -122,7 +122,7 @@ def apps(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
     status = daemon_status(request)
     runtime = {a.name: a for a in status.apps}
-    installed = [AppOut.of(a, runtime.get(a.name)) for a in ctx.store.list_apps()]
+    installed = [AppOut.of(a, runtime.get(a.name)) for a in ctx.store.apps.all()]
     return render(request, "apps.html", who, apps=installed, models=status.models, partitions=status.partitions)
 
 
@@ -131,8 +131,8 @@ def store(who: PageViewer, request: Request) -> Response:
     """The AppStore's catalog: what is published, what runs here, what could be updated."""
     ctx = console(request)
     link = daemon_status(request).appstore
-    installed = {a.name: a.version for a in ctx.store.list_apps()}
-    subscribed = set(ctx.store.subscriptions())
+    installed = {a.name: a.version for a in ctx.store.apps.all()}
+    subscribed = set(ctx.store.subscriptions.all())
     rows = []
     for item in link.catalog:
         name = item.name
@@ -150,7 +150,7 @@ def samples(who: PageViewer, request: Request) -> Response:
     """Hard samples: counts by reason and state, drops, the upload state and the privacy policy in force."""
     ctx = console(request)
     info = daemon_status(request).samples
-    recent = [(r, json.loads(r.meta_json)) for r in ctx.store.recent_samples(24)]
+    recent = [(r, json.loads(r.meta_json)) for r in ctx.store.samples.recent(24)]
     return render(request, "samples.html", who, info=info, recent=recent)
 
 
@@ -169,7 +169,7 @@ def system(who: PageViewer, request: Request) -> Response:
     ctx = console(request)
     status = daemon_status(request)
     disk = shutil.disk_usage(ctx.snapshots_dir.parent if ctx.snapshots_dir.parent.exists() else "/")
-    audit = ctx.store.recent_audit(limit=100) if who.allows("admin") else []
+    audit = ctx.store.audit_log.recent(limit=100) if who.allows("admin") else []
     level, reason = health(status)
     return render(request, "system.html", who, status=status, disk=disk, audit=audit, level=level, reason=reason,
                   link=status.appstore)
@@ -178,7 +178,7 @@ def system(who: PageViewer, request: Request) -> Response:
 @router.get("/users", response_class=HTMLResponse)
 def users(who: PageAdmin, request: Request) -> Response:
     ctx = console(request)
-    return render(request, "users.html", who, users=ctx.store.list_users(), tokens=ctx.store.list_tokens())
+    return render(request, "users.html", who, users=ctx.store.users.all(), tokens=ctx.store.tokens.all())
 
 
 @router.get("/login", response_class=HTMLResponse)

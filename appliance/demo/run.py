@@ -49,12 +49,12 @@ def install_demo(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with Store(settings.db_path) as store:
         for build, name in ((build_detector, "demo-detector"), (build_anomaly, "demo-gas-anomaly")):
-            if store.get_model(name, "1.0.0") is None:
+            if store.models.get(name, "1.0.0") is None:
                 packages.install_model(store, settings.models_dir, build(out / name))
         for manifest in (DETECTOR_APP, GAS_APP):
             path = out / f"{manifest['name']}.json"
             path.write_text(json.dumps(manifest, indent=2))
-            current = store.get_app(str(manifest["name"]))
+            current = store.apps.get(str(manifest["name"]))
             if current is None or current.version != manifest["version"]:
                 packages.install_app(store, path)
 
@@ -68,7 +68,7 @@ def demo_login(settings: Settings) -> str:
     default one), kept in a file only its owner can read so that later runs can say it again."""
     path = settings.state_dir / DEMO_PASSWORD_FILE
     with Store(settings.db_path) as store:
-        if store.user_count() == 0:
+        if store.users.count() == 0:
             password = "-".join(secrets.token_urlsafe(6) for _ in range(3))
             Accounts(store).add_user(DEMO_ADMIN, "admin", password, Actor("demo", "local"))
             path.touch(mode=0o600)

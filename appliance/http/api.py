@@ -72,7 +72,7 @@ def _runtime_apps(request: Request) -> dict[str, AppStatus]:
 
 
 def _app_out(request: Request, name: str) -> AppOut:
-    record = console(request).store.get_app(name)
+    record = console(request).store.apps.get(name)
     if record is None:
         raise NotFound(f"no app named {name!r} is installed (see GET /api/v1/apps)")
     return AppOut.of(record, _runtime_apps(request).get(name))
@@ -146,18 +146,18 @@ def events(
 ) -> list[EventOut]:
     """Stored events, newest first, with their handling."""
     store = console(request).store
-    found = store.recent_events(limit=limit, app=app, source=source, label=label, since=since, until=until)
-    handling = store.event_handling([e.id for e in found])
+    found = store.events.recent(limit=limit, app=app, source=source, label=label, since=since, until=until)
+    handling = store.handling.for_events([e.id for e in found])
     return [EventOut.of(e, handling.get(e.id, [])) for e in found]
 
 
 @router.get("/events/{event_id}", responses=_not_found, tags=["events"])
 def event(event_id: EventId, who: Viewer, request: Request) -> EventOut:
     store = console(request).store
-    found = store.get_event(event_id)
+    found = store.events.get(event_id)
     if found is None:
         raise NotFound(f"event {event_id} is not stored (it may have been removed by retention)")
-    return EventOut.of(found, store.event_handling([event_id]).get(event_id, []))
+    return EventOut.of(found, store.handling.for_events([event_id]).get(event_id, []))
 
 
 @router.get("/events/{event_id}/snapshot", response_class=FileResponse, tags=["events"],
@@ -165,7 +165,7 @@ def event(event_id: EventId, who: Viewer, request: Request) -> EventOut:
 def snapshot(event_id: EventId, who: Viewer, request: Request) -> FileResponse:
     """The event's snapshot (JPEG, with the detection drawn), served only from the snapshots folder."""
     ctx = console(request)
-    found = ctx.store.get_event(event_id)
+    found = ctx.store.events.get(event_id)
     if found is None:
         raise NotFound(f"event {event_id} is not stored (it may have been removed by retention)")
     if not found.snapshot:
@@ -193,7 +193,7 @@ def handle(event_id: EventId, body: HandlingIn, who: Operator, request: Request)
 def apps(who: Viewer, request: Request) -> list[AppOut]:
     """Installed apps, their model versions, partition and state."""
     runtime = _runtime_apps(request)
-    return [AppOut.of(a, runtime.get(a.name)) for a in console(request).store.list_apps()]
+    return [AppOut.of(a, runtime.get(a.name)) for a in console(request).store.apps.all()]
 
 
 @router.post("/apps/{name}/enable", responses=_not_found, tags=["apps"])
@@ -226,7 +226,7 @@ def appstore(who: Viewer, request: Request) -> AppStoreOut:
     """The AppStore link: state, channel, rollout, last sync and error, what is desired, refused and
     downloading, the published catalog, and the site's subscriptions."""
     ctx = console(request)
-    return AppStoreOut(**dict(ctx.status().appstore), subscriptions=ctx.store.subscriptions())
+    return AppStoreOut(**dict(ctx.status().appstore), subscriptions=ctx.store.subscriptions.all())
 
 
 @router.put("/appstore/subscriptions/{name}", status_code=204, tags=["appstore"])
@@ -249,7 +249,7 @@ def _change_subscription(request: Request, who: Principal, name: str, subscribe:
 
 @router.get("/users", tags=["users"])
 def users(who: Admin, request: Request) -> list[UserOut]:
-    return [UserOut.of(u) for u in console(request).store.list_users()]
+    return [UserOut.of(u) for u in console(request).store.users.all()]
 
 
 @router.post("/users", status_code=201, responses=_conflict, tags=["users"])
@@ -278,7 +278,7 @@ def remove_user(name: Name, who: Admin, request: Request) -> None:
 
 @router.get("/tokens", tags=["tokens"])
 def tokens(who: Admin, request: Request) -> list[TokenOut]:
-    return [TokenOut.of(t) for t in console(request).store.list_tokens()]
+    return [TokenOut.of(t) for t in console(request).store.tokens.all()]
 
 
 @router.post("/tokens", status_code=201, responses=_not_found, tags=["tokens"])
@@ -300,4 +300,4 @@ def revoke_token(token_id: Name, who: Admin, request: Request) -> None:
 @router.get("/audit", tags=["audit"])
 def audit(who: Admin, request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
     """The newest audit lines: who did what, when, from where."""
-    return [AuditOut.of(a) for a in console(request).store.recent_audit(limit)]
+    return [AuditOut.of(a) for a in console(request).store.audit_log.recent(limit)]

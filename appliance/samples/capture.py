@@ -46,7 +46,7 @@ class SampleCapture:
 
     def status(self, uploader: UploaderStatus, quota: SampleQuota) -> SamplesStatus:
         """The samples part of status: what the spool holds and dropped, by reason, and the upload's state."""
-        counts = self._store.sample_counts()
+        counts = self._store.samples.counts()
         return SamplesStatus(by_reason={r: SampleCounts(**c) for r, c in counts["by_reason"].items()},
                              dropped=dict(counts["dropped"]), uploader=uploader, skipped_busy=self.skipped_busy,
                              quota=quota)
@@ -92,7 +92,7 @@ class SampleCapture:
         frame_path = self._state_dir / frame_file(event.snapshot)
         if not frame_path.is_file():
             return None  # a telemetry alert, or an alert from before frames were kept
-        app = self._store.get_app(event.app)
+        app = self._store.apps.get(event.app)
         manifest = AppManifest.parse(app.manifest_json.encode(), event.app) if app is not None else None
         if manifest is not None and not getattr(effective_policy(manifest, self._overrides), reason):
             return None  # the app's policy does not keep these

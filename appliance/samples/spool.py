@@ -19,10 +19,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from appliance.events import write_atomically
 from appliance.samples.policy import PRIORITY
 from appliance.settings import SamplesSettings
 from appliance.store import SpooledSample, Store
+from common.files import write_atomically
 from formats.sample import ImageInfo, Prediction, Reason, SampleRecord
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Spool:
         """Keep ``frame`` as a sample; its id, or None when it was not kept (no room, or not an image)."""
         s = self._settings
         if shutil.disk_usage(self.folder).free < s.min_free_bytes:
-            self._store.sample_dropped(reason)
+            self._store.samples.count_drop(reason)
             log.warning("sample of %s on %s not kept: less than %d MB free on disk", app, source,
                         s.min_free_bytes // 2**20)
             return None
@@ -63,7 +63,7 @@ class Spool:
         write_atomically(self.path(sample_id), jpeg)
         record = SpooledSample(sample_id, when, app, source, reason, PRIORITY.get(reason, 0), len(jpeg),
                                meta.to_json())
-        kept, dropped = self._store.add_sample(record, s.quota_bytes, s.quota_count)
+        kept, dropped = self._store.samples.add(record, s.quota_bytes, s.quota_count)
         for victim in dropped:
             self.path(victim).unlink(missing_ok=True)
         if not kept:
@@ -80,29 +80,29 @@ class Spool:
 
     def uploaded(self, sample_id: str) -> None:
         """Sent: the frame leaves the disk, the index row stays for the counts (a week)."""
-        self._store.sample_uploaded(sample_id)
+        self._store.samples.mark_uploaded(sample_id)
         self.path(sample_id).unlink(missing_ok=True)
 
     def refused(self, sample_id: str, reason: str) -> None:
         """The AppStore refused the record as malformed: never sent again; the row keeps its reason (a week)."""
-        self._store.sample_refused(sample_id, reason)
+        self._store.samples.mark_refused(sample_id, reason)
         self.path(sample_id).unlink(missing_ok=True)
 
     def tidy(self) -> None:
         """At start: apply the quota (it may have been lowered since), then remove frames no queued index row
         knows (a crash between write and index), half-written files and old uploaded or refused rows."""
         s = self._settings
-        dropped = self._store.enforce_sample_quota(s.quota_bytes, s.quota_count)
+        dropped = self._store.samples.enforce_quota(s.quota_bytes, s.quota_count)
         if dropped:
             log.info("%d queued samples dropped to fit the quota (%d MB, %d samples)", len(dropped),
                      s.quota_bytes // 2**20, s.quota_count)
-        known = self._store.queued_sample_ids()
+        known = self._store.samples.queued_ids()
         for f in self.folder.glob("*.jpg"):
             if f.stem not in known:
                 f.unlink(missing_ok=True)
         for f in self.folder.glob(".*.tmp"):
             f.unlink(missing_ok=True)
-        self._store.prune_uploaded_samples(time.time() - UPLOADED_KEPT_S)
+        self._store.samples.prune_uploaded(time.time() - UPLOADED_KEPT_S)
 
 
 def image_info(jpeg: bytes, width: int, height: int) -> ImageInfo:

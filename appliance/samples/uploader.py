@@ -100,7 +100,7 @@ class Uploader:
         if self._settings.upload == "off" or self._fleet is None:
             return 0  # the site's policy: nothing leaves
         sent = 0
-        for sample in self._store.queued_samples(self._settings.batch):
+        for sample in self._store.samples.queued(self._settings.batch):
             if self._stop.is_set():
                 break
             self.state.state = "uploading"
@@ -144,7 +144,7 @@ class Uploader:
                 info = image_info(image, *im.size)
         record = record.model_copy(update={"image": info, "privacy": s.upload, "redacted": redacted})
         self._throttle(len(record.to_json()) + len(image or b""))
-        self._store.sample_attempted(sample.id)
+        self._store.samples.mark_attempted(sample.id)
         self._fleet.put_sample(record, image)  # a duplicate answer also means delivered
 
     def _throttle(self, size: int) -> None:

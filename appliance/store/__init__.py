@@ -3,6 +3,9 @@
 See :mod:`appliance.store.db` for usage, durability and concurrency.
 """
 
+from appliance.store.accounts import Sessions, Tokens, Users
+from appliance.store.apps import Apps, Subscriptions
+from appliance.store.audit import AuditLog
 from appliance.store.db import BUSY_TIMEOUT_MS, Store
 from appliance.store.errors import (
     Conflict,
@@ -18,7 +21,9 @@ from appliance.store.errors import (
     StoreError,
     UserExists,
 )
+from appliance.store.events import Events, Handling
 from appliance.store.migrations import MIGRATIONS, SCHEMA_VERSION, Migration
+from appliance.store.models import Models
 from appliance.store.records import (
     HANDLING_ACTIONS,
     LANGUAGES,
@@ -37,6 +42,8 @@ from appliance.store.records import (
     TokenRecord,
     UserRecord,
 )
+from appliance.store.samples import Samples
+from appliance.store.sources import Sources
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -46,9 +53,13 @@ __all__ = [
     "ROLES",
     "SCHEMA_VERSION",
     "AppRecord",
+    "Apps",
+    "AuditLog",
     "AuditRecord",
     "Conflict",
     "EventRecord",
+    "Events",
+    "Handling",
     "HandlingAction",
     "HandlingRecord",
     "Language",
@@ -58,18 +69,25 @@ __all__ = [
     "ModelInUse",
     "ModelMissing",
     "ModelRecord",
+    "Models",
     "NotFound",
     "Role",
+    "Samples",
     "SchemaTooNew",
     "SessionRecord",
+    "Sessions",
     "SourceRecord",
+    "Sources",
     "SpooledSample",
     "Store",
     "StoreBusy",
     "StoreClosed",
     "StoreCorrupt",
     "StoreError",
+    "Subscriptions",
     "TokenRecord",
+    "Tokens",
     "UserExists",
     "UserRecord",
+    "Users",
 ]
