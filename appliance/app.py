@@ -24,12 +24,14 @@ from appliance.appstore_link import AppStoreLink, appstore_link
 from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
 from appliance.console.diagnostics import build_bundle
-from appliance.console.live import LiveFeed
+from appliance.console.install import install_console
 from appliance.errors import ApplianceError, ConfigError
 from appliance.events import EventSink
 from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
 from appliance.giveback import GiveBack
-from appliance.http.security import Console, is_loopback
+from appliance.http.context import Console
+from appliance.http.live import LiveFeed
+from appliance.http.security import is_loopback
 from appliance.http.server import build_app
 from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.ingest.ingest import Ingest
@@ -183,7 +185,7 @@ class Daemon:
                                                                            self.inventory.to_json))
         console.sync_now = lambda: self.sync_loop.nudge() if self.sync_loop else None
         console.samples = self.samples
-        app = build_app(self.status, self.metrics, self.healthy, console)
+        app = build_app(self.status, self.metrics, self.healthy, console, pages=install_console)
         # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
         self._http = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False, server_header=False,

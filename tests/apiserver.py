@@ -17,7 +17,9 @@ import httpx
 import uvicorn
 
 from appliance.auth import Accounts, Actor, LoginLimiter, LoginLimits, ScryptParams
-from appliance.http.security import CSRF_HEADER, Console
+from appliance.console.install import install_console
+from appliance.http.context import Console
+from appliance.http.security import CSRF_HEADER
 from appliance.http.server import build_app
 from appliance.metrics import Metrics
 from appliance.stats import Stats
@@ -56,7 +58,8 @@ class ApiServer:
         self.accounts = Accounts(self.store, scrypt=FAST_SCRYPT, limiter=LoginLimiter(self.limits))
         console = Console(self.store, self.accounts, self.state_dir / "snapshots", self.status, self.secure_cookies,
                           stats=self.stats)
-        self.app = build_app(self.status, Metrics(self.stats, list), lambda: (True, ""), console)
+        self.app = build_app(self.status, Metrics(self.stats, list), lambda: (True, ""), console,
+                             pages=install_console)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from appliance.console.live import LiveFeed
+from appliance.http.live import LiveFeed
 from appliance.store import EventRecord
 
 

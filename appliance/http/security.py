@@ -19,8 +19,6 @@ import hmac
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -28,18 +26,14 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from starlette.concurrency import run_in_threadpool
 
 from appliance.auth import (
-    Accounts,
     CsrfRefused,
     NewSession,
     NotAuthenticated,
     PermissionDenied,
     Principal,
 )
-from appliance.console.live import LiveFeed
-from appliance.samples.capture import SampleCapture
-from appliance.stats import Stats
-from appliance.status import DaemonStatus
-from appliance.store import Role, Store
+from appliance.http.context import Console
+from appliance.store import Role
 
 SESSION_COOKIE = "appliance_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -52,22 +46,6 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="token",
 _cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, scheme_name="session",
                        description="The session cookie set by POST /api/v1/login. State-changing requests "
                                    f"also need the session's CSRF token in the {CSRF_HEADER} header.")
-
-
-@dataclass(slots=True)
-class Console:
-    """What the API needs from the daemon; set as ``app.state.console`` by :func:`build_app`."""
-
-    store: Store
-    accounts: Accounts
-    snapshots_dir: Path  # event snapshots are served from here and from nowhere else
-    status: Callable[[], DaemonStatus]
-    secure_cookies: bool  # the server runs under TLS: cookies are marked Secure
-    stats: Stats | None = None  # cameras' latest frames and sensors' trends, for the console's Sources page
-    live: LiveFeed = field(default_factory=LiveFeed)  # new events, for the console's live alert list
-    diagnostics: Callable[[], bytes] | None = None  # the support bundle (a zip), see appliance.console.diagnostics
-    sync_now: Callable[[], None] = lambda: None  # nudge the AppStore sync (after a subscription changed)
-    samples: SampleCapture | None = None  # operators' flags become hard samples
 
 
 def console(request: Request) -> Console:

@@ -23,11 +23,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.auth import PermissionDenied
-from appliance.console.install import install_console
 from appliance.http.api import router as api_router
+from appliance.http.context import Console
 from appliance.http.docs import render_docs
 from appliance.http.errors import install_error_handler
-from appliance.http.security import ROLE_OF, Admin, Console, client_address, is_loopback
+from appliance.http.security import ROLE_OF, Admin, client_address, is_loopback
 from appliance.metrics import Metrics
 from appliance.status import DaemonStatus
 
@@ -59,8 +59,11 @@ class SecurityHeaders:
 
 
 def build_app(status: Callable[[], DaemonStatus], metrics: Metrics, healthy: Callable[[], tuple[bool, str]],
-              console: Console | None = None) -> FastAPI:
-    """The server; without ``console`` (no store) it serves only the monitoring routes and ``/api/status``."""
+              console: Console | None = None, pages: Callable[[FastAPI], None] | None = None) -> FastAPI:
+    """The server; without ``console`` (no store) it serves only the monitoring routes and ``/api/status``.
+
+    ``pages`` adds the console's pages (:func:`appliance.console.install.install_console`): passed in, not
+    imported, because the console is built on this package and not the other way round."""
     app = FastAPI(title="Edge appliance", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handler(app)
     app.add_middleware(SecurityHeaders)
@@ -85,7 +88,8 @@ def build_app(status: Callable[[], DaemonStatus], metrics: Metrics, healthy: Cal
         return app
     app.state.console = console
     app.include_router(api_router)
-    install_console(app)
+    if pages is not None:
+        pages(app)
 
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi(who: Admin) -> dict[str, Any]:
