@@ -19,7 +19,8 @@ import pytest
 from appliance.console.i18n import translations
 from appliance.demo.scene import render_frame
 from appliance.status import DaemonStatus
-from appliance.store import EventRecord
+from appliance.store import EventRecord, SpooledSample
+from formats.sample import Prediction, SampleRecord
 from tests.apiserver import ApiServer
 from tests.test_api import USERS, populate
 
@@ -384,3 +385,27 @@ def test_pages_are_not_cached_and_assets_are_served_locally(pages: dict[str, Pag
     for asset in re.findall(r'(?:href|src)="(/static/[^"]+)"', r.text):
         assert pages["viewer"].get(asset).status_code == 200
     assert "http://" not in r.text and "https://" not in r.text, "nothing from the internet"
+
+
+def test_the_samples_page_says_which_samples_the_appstore_refused_and_why(fresh: Callable[..., ApiServer]) -> None:
+    why = "meta: predictions.0.box: Input should be a valid array"
+
+    def refusing() -> DaemonStatus:
+        raw = status().model_dump(mode="json")
+        raw["samples"]["by_reason"] = {"missed_detection": {"queued": 0, "uploaded": 4, "refused": 1,
+                                                            "queued_bytes": 0}}
+        raw["samples"]["uploader"] |= {"state": "idle", "refused": 1, "last_refusal": why, "last_error": ""}
+        return DaemonStatus.model_validate(raw)
+
+    server = fresh(status=refusing)
+    server.add_user("nurse", "viewer")
+    record = SampleRecord(id="a" * 32, device="test", ts=time.time(), reason="missed_detection", app="(reported)",
+                          source="cam1", predictions=[Prediction(label="person without helmet", score=0.0)])
+    server.store.samples.add(SpooledSample(record.id, record.ts, record.app, "cam1", "missed_detection", 3, 10,
+                                           record.to_json()), 2**30, 100)
+    server.store.samples.mark_refused("a" * 32, why)
+    page = Page(server, "nurse").get("/samples").text
+    assert "Refused by the AppStore since start: 1" in page and "not sent again" in page and why in page
+    assert page.count("Refused by the AppStore") >= 3, "the column, the count, and the sample's own card"
+    zh = translations("zh").gettext
+    assert zh("Refused by the AppStore") != "Refused by the AppStore", "translated"
