@@ -107,9 +107,10 @@ class Daemon:
         providers = tuple((name, dict(options)) for name, options in session_providers(plan))
         runtime = self.settings.runtime
         executors = runtime.executors or plan.executors
+        threads = runtime.intra_op_threads or plan.threads_for(executors)
+        alone = len(plan.cores) if plan.kind == "cpu" and runtime.lone_frame_all_cores and executors > 1 else 0
         return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
-                            intra_op_threads=runtime.intra_op_threads or plan.threads_for(executors),
-                            executors=executors,
+                            intra_op_threads=threads, executors=executors, alone_threads=alone,
                             max_image_pixels=self.settings.ingest.max_image_pixels,
                             max_batch=self.settings.runtime.max_batch,
                             max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)

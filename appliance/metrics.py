@@ -116,6 +116,9 @@ class Metrics:
         self.batch = Histogram(
             "appliance_batch_size", "Per frame: how many frames ran with it in one model run", ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.alone = Counter(
+            "appliance_frames_alone", "Frames that had a CPU worker to themselves and ran on every core of its "
+            "partition (runtime.lone_frame_all_cores)", registry=self.registry)
         self.frame_age = Histogram(
             "appliance_frame_age_seconds", "Capture time (MQTT 5 'ts' or telemetry ts, else arrival) to result",
             ["kind"], buckets=LATENCY_BUCKETS + (30.0, 60.0), registry=self.registry)

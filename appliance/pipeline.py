@@ -378,6 +378,8 @@ class Pipeline:
             self._metrics.inference.labels(key).observe(seconds)
         for key, size in done.batch.items():
             self._metrics.batch.labels(key).observe(size)
+        if done.alone:
+            self._metrics.alone.inc()
         now = time.time()
         self._metrics.pipeline.labels(frame.kind).observe(now - frame.arrived)
         self._metrics.frame_age.labels(frame.kind).observe(max(0.0, now - frame.captured))

@@ -113,6 +113,9 @@ class RuntimeSettings(_Section):
     executors: int = Field(default=0, ge=0, le=64)
     # per session, shared by its executors; 0: a CPU partition's cores shared out among them (1 each by default)
     intra_op_threads: int = Field(default=0, ge=0)
+    # a frame that has a CPU worker to itself runs on every core of the partition, on a second session of its
+    # model (memory: about one more session per model); false: a lone frame runs on one core
+    lone_frame_all_cores: bool = True
     # dynamic batching: up to max_batch frames for one model run together (models with a dynamic first axis);
     # the worker waits at most max_batch_delay_ms for a batch to fill. 1 turns it off (the default on CPUs).
     max_batch: int = Field(default=1, ge=1, le=64)

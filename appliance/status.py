@@ -80,6 +80,8 @@ class WorkerStatus(_Part):
     pid: int | None
     threads: int = Field(description="ONNX Runtime intra-op threads per session, as the worker set them")
     executors: int = Field(description="jobs the worker runs at once")
+    alone_threads: int = Field(0, description="intra-op threads of a frame that has the worker to itself "
+                                              "(0: it runs as the others do)")
     restarts: int
     last_restart_reason: str
     inflight: int = Field(description="jobs handed to the worker and not answered yet")

@@ -30,6 +30,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Literal, Self
 
+from appliance.runtime.worker import session_options
 from bench.procs import BenchError
 
 __all__ = ["LayoutResult", "LimitPool", "session_options"]
@@ -59,21 +60,6 @@ class LayoutResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def session_options(threads: int, spinning: bool = True) -> Any:
-    """The worker's session options (``appliance.runtime.worker._load``): with several executors (loops)
-    sharing a session with a pool of threads, they do not spin while idle."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 def layout_name(processes: int, threads: int, loops: int = 1) -> str:

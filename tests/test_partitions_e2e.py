@@ -80,15 +80,17 @@ def _nice(pid: int, tid: str) -> int:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores")
-@pytest.mark.parametrize("executors", [0, 1])
-def test_a_cpu_partition_runs_a_frame_per_core_and_loads_models_at_low_priority(
-        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path, executors: int) -> None:
-    """By default one executor per core, each running its frames on its own core (no thread pool), and the
-    loader thread niced so that a model being loaded yields the cores to those serving. An operator who
-    asks for one executor gets every core as intra-op threads instead (and no niced loader: the pool's
-    threads would inherit its priority)."""
+@pytest.mark.parametrize("runtime", ["", "executors = 1", "lone_frame_all_cores = false"])
+def test_a_cpu_partition_runs_a_frame_per_core_a_lone_frame_on_every_core_and_loads_at_low_priority(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path, runtime: str) -> None:
+    """By default one executor per core, each running its frames on its own core (no thread pool), while a
+    frame that has the worker to itself runs on every core (a second session of the model, whose thread pool
+    serves at full priority); the loader thread is niced so that a model being loaded yields the cores to
+    those serving. An operator who asks for one executor gets every core as intra-op threads for every frame
+    (and no niced loader: the pool's threads would inherit its priority); one who turns the lone-frame
+    session off saves its memory and a lone frame runs on one core."""
     cores = len(os.sched_getaffinity(0))
-    d = make_daemon(start=False, extra=f"[runtime]\nexecutors = {executors}\n" if executors else "")
+    d = make_daemon(start=False, extra=f"[runtime]\n{runtime}\n")
     d.cli("models", "add", str(models["demo-detector"]))
     d.cli("apps", "add", str(write_app(tmp_path / "a.json", "ppe", "demo-detector", ["cameras/+/frame"],
                                        [PERSON_RULE])))
@@ -97,16 +99,29 @@ def test_a_cpu_partition_runs_a_frame_per_core_and_loads_models_at_low_priority(
     [worker] = d.status()["workers"]
     pid = worker["pid"]
     niced = sorted(_nice(pid, tid) - _nice(pid, str(pid)) for tid in os.listdir(f"/proc/{pid}/task"))
-    if executors == 0:
-        assert (worker["executors"], worker["threads"]) == (cores, 1)
+    expected = {"": (cores, 1, cores), "executors = 1": (1, cores, 0), "lone_frame_all_cores = false": (cores, 1, 0)}
+    assert (worker["executors"], worker["threads"], worker["alone_threads"]) == expected[runtime]
+    if worker["threads"] == 1:
         assert niced.count(10) == 1 and set(niced) == {0, 10}, f"only the loader is niced: {niced}"
     else:
-        assert (worker["executors"], worker["threads"]) == (1, cores)
         assert set(niced) == {0}, f"nothing niced: {niced}"
     pub = Publisher(d.mqtt_port)
     try:
-        pub.publish("cameras/cam1/frame", render_frame(0, 0))
-        wait_until(lambda: (s := d.source("cam1")) and s["processed"] == 1, 20, what="a frame processed")
+        for i in range(3):  # one camera, one frame at a time
+            pub.publish("cameras/cam1/frame", render_frame(i, 0))
+            wait_until(lambda i=i: (s := d.source("cam1")) and s["processed"] == i + 1, 20, what=f"frame {i}")
+        alone = counter(d.metrics(), "appliance_frames_alone_total")
+        assert alone == (3 if worker["alone_threads"] else 0), "each lone frame ran on every core, where enabled"
+        for i in range(8):  # eight cameras at once: frames side by side, one per core
+            pub.client.publish(f"cameras/burst{i}/frame", render_frame(i, i % 8), qos=0)
+        wait_until(lambda: sum((s := d.source(f"burst{i}")) is not None and s["processed"] + s["skipped"] >= 1
+                               for i in range(8)) == 8, 30, what="every burst frame answered")
+        processed = sum((d.source(f"burst{i}") or {}).get("processed", 0) for i in range(8))
+        burst_alone = counter(d.metrics(), "appliance_frames_alone_total") - alone
+        if worker["alone_threads"]:
+            assert processed > burst_alone, "frames in flight together ran side by side, not all on every core"
+        else:
+            assert burst_alone == 0
     finally:
         pub.close()
 

@@ -30,6 +30,9 @@ class WorkerConfig:
     cores: tuple[int, ...] = ()  # CPU cores the process is pinned to; empty: all it was given
     intra_op_threads: int = 0  # per session; 0: the cores shared out among the executors
     executors: int = 1  # threads that each run one job (or batch) at a time
+    # intra-op threads of each model's second session, run while a job has the worker to itself (a lone frame
+    # gets every core); 0: no second session
+    alone_threads: int = 0
     max_image_pixels: int = 40_000_000
     max_batch: int = 1  # frames run through a model at once where its first axis is dynamic
     max_batch_delay_s: float = 0.002  # how long the worker waits for more frames to fill a batch
@@ -88,6 +91,7 @@ class Ready:
     pid: int
     threads: int
     executors: int
+    alone_threads: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,6 +120,7 @@ class JobDone:
     prepare_s: dict[str, float] = field(default_factory=dict)  # per model: this frame's preprocessing
     infer_s: dict[str, float] = field(default_factory=dict)  # per model: run + decode outputs (a batch's wall time)
     batch: dict[str, int] = field(default_factory=dict)  # per model: how many frames ran together
+    alone: bool = False  # ran with the worker to itself, on the session that uses every core
 
 
 Job = ImageJob | VectorJob

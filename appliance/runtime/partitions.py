@@ -145,7 +145,7 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:
     # one executor per core, sharing a session, each running it on its own thread (one intra-op thread): as
     # fast as one process per core, and faster under load than executors sharing a thread per core (measured
-    # in docs/BENCHMARKS.md); a lone frame runs on one core (set runtime.executors = 1 for all cores on one)
+    # in docs/BENCHMARKS.md); a frame alone in the worker runs on every core (runtime.lone_frame_all_cores)
     return PartitionPlan(name=name, device="cpu", kind="cpu", cores=tuple(sorted(cores)), memory_mb=memory_mb,
                          intra_op_threads=1, executors=len(cores))  # = threads_for(len(cores))
 

@@ -98,6 +98,7 @@ class WorkerSupervisor:
         self.pid: int | None = None
         self.threads = 0  # ONNX Runtime intra-op threads per session, as the worker set them
         self.executors = config.executors  # jobs the worker runs at once
+        self.alone_threads = 0  # intra-op threads of a job alone in the worker (0: no such session)
         self.restarts = 0
         self.last_restart_reason = ""
         # no jitter: one local process, nothing to spread out
@@ -242,7 +243,7 @@ class WorkerSupervisor:
 
     def status(self) -> WorkerStatus:
         return WorkerStatus(partition=self.config.partition, state=self.state, pid=self.pid, threads=self.threads,
-                            executors=self.executors, restarts=self.restarts,
+                            executors=self.executors, alone_threads=self.alone_threads, restarts=self.restarts,
                             last_restart_reason=self.last_restart_reason, inflight=self.inflight())
 
     def model_status(self) -> list[ModelStatus]:
@@ -337,6 +338,7 @@ class WorkerSupervisor:
             self.pid = msg.pid
             self.threads = msg.threads
             self.executors = msg.executors
+            self.alone_threads = msg.alone_threads
             self._changed()
 
     def _on_exit(self, gen: int, exitcode: int | None) -> None:

@@ -8,11 +8,17 @@ Threads: the main thread only reads the pipe and hands messages on, so the daemo
 wait on a busy worker. ``executors`` threads each take a job (or a batch), decode, preprocess and run
 it; on a CPU partition there is one per core, sharing each session, and each runs the model on its own
 thread (one intra-op thread: no thread pool), so the cores work on different frames side by side
-(ONNX Runtime, Pillow and NumPy release the GIL for the heavy parts). Measured in docs/BENCHMARKS.md:
-this is as fast as one process per core, and faster under load than executors sharing a pool of a
-thread per core, at the price of a lone frame running on one core. One loader thread loads and unloads
-models in order, at a lower CPU priority where it can, so a model being loaded or warmed up never stops
-or slows the models that are serving.
+(ONNX Runtime, Pillow and NumPy release the GIL for the heavy parts). A frame that has the worker to
+itself (no other job received and not answered) runs instead on a second session of the same model
+with a thread per core (``alone_threads``), so a lone camera gets the whole box. Measured side by side
+in docs/BENCHMARKS.md ("Worker designs"): as fast as one session with a thread per core for one frame
+in flight, and as fast as a session per core for several, where one thread pool shared by the
+executors loses at both ends; the price is the second session's memory (its own copy of the
+optimised weights and its arena: ONNX Runtime's Python API cannot share prepacked weights). One
+loader thread loads and unloads models in order, at a lower CPU priority where it can, so a model
+being loaded or warmed up never stops or slows the models that are serving; the threads of a second
+session are made by a thread at the serving priority (``_ServingPriority``), since threads inherit the
+priority of the thread that starts them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,12 +51,13 @@ from appliance.runtime.messages import (
 
 
 class _Model:
-    def __init__(self, spec: ModelSpec, session: Any) -> None:
+    def __init__(self, spec: ModelSpec, session: Any, alone: Any = None) -> None:
         from formats.model_card import ModelCard
 
         self.spec = spec
         self.card = ModelCard.parse(spec.card_json.encode(), spec.key)
         self.session = session
+        self.alone = alone  # the session with a thread per core, for a job that has the worker to itself
         self.output_names = self.card.output_names()
         # frames can be stacked along a dynamic first axis (not for decoders whose outputs have no batch axis)
         first = session.get_inputs()[0].shape[0] if session.get_inputs() and session.get_inputs()[0].shape else 1
@@ -71,8 +80,9 @@ def _lower_loader_priority(config: WorkerConfig) -> None:
     """Let the serving executors have the cores while a model loads and warms up.
 
     Linux keeps a nice value per thread, and the threads a thread creates inherit it: only on the CPU, where
-    sessions have no intra-op thread pool (one thread each, the executor's own), can the loader be niced
-    without threads it starts serving at that priority for ever. NumPy's and ONNX Runtime's helper threads
+    the executors' sessions have no intra-op thread pool (one thread each, the executor's own), can the
+    loader be niced without threads it starts serving at that priority for ever; the sessions of frames
+    alone, which have a pool, are made by ``_ServingPriority``. NumPy's and ONNX Runtime's helper threads
     start when they are first imported, so they are imported first, at the serving priority."""
     if _threads(config) != 1 or any(name != "CPUExecutionProvider" for name, _ in config.providers):
         return
@@ -88,7 +98,66 @@ def _lower_loader_priority(config: WorkerConfig) -> None:
         pass  # not allowed here: loads then compete with serving at the same priority, as before
 
 
-def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
+class _InFlight:
+    """Jobs this worker has received and not answered yet."""
+
+    def __init__(self) -> None:
+        self._count, self._lock = 0, threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+class _ServingPriority:
+    """A thread started with the worker, at the serving priority, that creates sessions with thread pools
+    for the loader: threads inherit the nice value of the thread that starts them, and the loader runs
+    niced."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="sessions", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, box, done = self._calls.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - raised again in the loader, which reports it
+                box.append((False, e))
+            done.set()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        box: list[Any] = []
+        done = threading.Event()
+        self._calls.put((fn, box, done))
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
+def session_options(threads: int, spinning: bool = True) -> Any:
+    """The worker's ONNX Runtime session options: ``threads`` intra-op threads, one inter-op thread, sequential
+    execution; ``spinning`` False makes idle pool threads yield their cores at once."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _load(spec: ModelSpec, config: WorkerConfig, serving: _ServingPriority) -> tuple[_Model, float]:
     import onnxruntime as ort
 
     t0 = time.perf_counter()
@@ -100,17 +169,18 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
             f"{spec.path} has changed since install (sha256 {digest[:12]}… recorded {spec.sha256[:12]}…); "
             "reinstall the model package"
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = _threads(config)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if config.executors > 1 and options.intra_op_num_threads > 1:
-        # several executors share the session's threads: an idle thread must yield its core, not spin on it
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = _threads(config)
+    providers = [(n, dict(o)) for n, o in config.providers]
+    # several executors sharing the session's threads: an idle thread must yield its core, not spin on it
+    options = session_options(threads, spinning=config.executors == 1 or threads == 1)
     # load from the bytes that were hashed, so the file cannot change between check and use
-    session = ort.InferenceSession(data, sess_options=options, providers=[(n, dict(o)) for n, o in config.providers])
-    model = _Model(spec, session)
+    session = ort.InferenceSession(data, sess_options=options, providers=providers)
+    alone = None
+    if config.alone_threads > threads:
+        # spinning on: a frame alone runs about a tenth faster than with its threads sleeping between operators
+        alone = serving.call(lambda: ort.InferenceSession(data, sess_options=session_options(config.alone_threads),
+                                                          providers=providers))
+    model = _Model(spec, session, alone)
     _warm_up(model)
     return model, (time.perf_counter() - t0) * 1000
 
@@ -127,7 +197,9 @@ def _warm_up(model: _Model) -> None:
         tensor = np.zeros(shape, dtype=np.float32 if spec.dtype == "float32" else np.uint8)
     else:
         tensor = np.zeros((1, len(spec.features)), dtype=np.float32)
-    model.session.run(model.output_names, {spec.name: tensor})
+    for session in (model.session, model.alone):
+        if session is not None:
+            session.run(model.output_names, {spec.name: tensor})
 
 
 def _rss_mb() -> float:
@@ -158,7 +230,7 @@ class _Marker:
 
 
 def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], config: WorkerConfig,
-               mark: _Marker) -> list[JobDone]:
+               mark: _Marker, inflight: _InFlight) -> list[JobDone]:
     """Decode each frame once, then feed each model its frames: in one batch where the model allows it."""
     import numpy as np
 
@@ -166,6 +238,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
 
     dones: dict[int, JobDone] = {}
     pixels: dict[int, Any] = {}
+    alone_ids: set[int] = set()
     for job in jobs:
         t0 = time.perf_counter()
         mark(job.job_id, -1)
@@ -196,10 +269,13 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
         size = config.max_batch if model.batchable else 1
         for chunk in (prepared[i:i + size] for i in range(0, len(prepared), size)):
             mark(chunk[0][0].job_id, chunk[0][0].models.index(key))
+            # no job in the worker but these: every core for them (a job arriving meanwhile waits for a core)
+            alone = model.alone is not None and inflight.count <= len(jobs)
+            session = model.alone if alone else model.session
             t1 = time.perf_counter()
             try:
                 feed = chunk[0][1] if len(chunk) == 1 else np.concatenate([tensor for _, tensor, _ in chunk])
-                raw = model.session.run(model.output_names, {model.card.input.name: feed})
+                raw = session.run(model.output_names, {model.card.input.name: feed})
                 for i, (job, _, transform) in enumerate(chunk):
                     outputs = {n: (r if len(chunk) == 1 else r[i:i + 1]) for n, r in zip(model.output_names, raw)}
                     dones[job.job_id].results[key] = decode_outputs(model.card, outputs, transform)
@@ -210,8 +286,10 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
             for job, _, _ in chunk:
                 dones[job.job_id].infer_s[key] = elapsed
                 dones[job.job_id].batch[key] = len(chunk)
+                if alone:
+                    alone_ids.add(job.job_id)
     mark(jobs[-1].job_id, -1)
-    return [dones[job.job_id] for job in jobs]
+    return [replace(dones[job.job_id], alone=True) if job.job_id in alone_ids else dones[job.job_id] for job in jobs]
 
 
 def _prepare(model: _Model, job: ImageJob | VectorJob, rgb: Any) -> tuple[Any, Any]:
@@ -257,14 +335,15 @@ class _Replies:
 
 
 def _execute(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], models: dict[str, _Model], config: WorkerConfig,
-             mark: _Marker, replies: _Replies) -> None:
+             mark: _Marker, replies: _Replies, inflight: _InFlight) -> None:
     while True:
-        for done in _run_batch(_next_jobs(jobs_in, config), models, config, mark):
+        for done in _run_batch(_next_jobs(jobs_in, config), models, config, mark, inflight):
             replies.send(done)
+            inflight.add(-1)
 
 
 def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, _Model], config: WorkerConfig,
-                   current: Current, replies: _Replies) -> None:
+                   current: Current, replies: _Replies, serving: _ServingPriority) -> None:
     niced = False
     while True:
         msg = control.get()
@@ -277,7 +356,7 @@ def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, 
         current[-1] = 1
         before = _rss_mb()
         try:
-            model, ms = _load(msg.spec, config)
+            model, ms = _load(msg.spec, config, serving)
         except Exception as e:  # noqa: BLE001 - reported to the supervisor, the worker keeps serving
             replies.send(LoadFailed(msg.spec.key, f"{type(e).__name__}: {e}"))
             continue
@@ -303,18 +382,22 @@ def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> Non
     replies = _Replies(conn)
     jobs: queue.SimpleQueue[ImageJob | VectorJob] = queue.SimpleQueue()
     control: queue.SimpleQueue[Load | Unload] = queue.SimpleQueue()
-    threading.Thread(target=_load_in_order, args=(control, models, config, current, replies), name="loader",
-                     daemon=True).start()
+    inflight = _InFlight()
+    threading.Thread(target=_load_in_order, args=(control, models, config, current, replies, _ServingPriority()),
+                     name="loader", daemon=True).start()
     for slot in range(config.executors):
-        threading.Thread(target=_execute, args=(jobs, models, config, _Marker(current, slot), replies),
+        threading.Thread(target=_execute, args=(jobs, models, config, _Marker(current, slot), replies, inflight),
                          name=f"executor-{slot}", daemon=True).start()
-    replies.send(Ready(pid=os.getpid(), threads=_threads(config), executors=config.executors))
+    alone_threads = config.alone_threads if config.alone_threads > _threads(config) else 0
+    replies.send(Ready(pid=os.getpid(), threads=_threads(config), executors=config.executors,
+                       alone_threads=alone_threads))
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
         if isinstance(msg, (ImageJob, VectorJob)):
+            inflight.add(1)
             jobs.put(msg)
         elif isinstance(msg, (Load, Unload)):
             control.put(msg)
