@@ -47,8 +47,18 @@ class System:
 class Systems:
     pools: dict[str, LimitPool]  # LIMIT candidates by layout name; the appliance's layout among them
     same_layout: str  # name of the pool in the appliance's layout
+    # the pool in the layout the appliance gives a frame that has its worker to itself (one frame in flight)
+    alone_layout: str | None = None
     systems: dict[str, System] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+
+    def candidates(self, in_flight: int) -> dict[str, LimitPool]:
+        """The layouts that can have ``in_flight`` frames in flight: at most that many loops in all."""
+        return {name: p for name, p in self.pools.items() if p.processes * p.loops <= in_flight}
+
+    def same_layout_at(self, in_flight: int) -> str:
+        """The appliance's own layout with ``in_flight`` frames in flight."""
+        return self.alone_layout if in_flight == 1 and self.alone_layout else self.same_layout
 
 
 class Quiet:
@@ -117,17 +127,26 @@ def reference(ctx: Context, s: Systems, quiet: Quiet) -> dict[str, Any]:
 # --- one measurement -----------------------------------------------------------------------------
 
 
-def _limit_slice(ctx: Context, s: Systems, quiet: Quiet) -> dict[str, Any]:
+def _limit_slice(ctx: Context, s: Systems, quiet: Quiet, in_flight: int) -> dict[str, Any]:
+    """Every layout that can have ``in_flight`` frames in flight, and the appliance's own layout there."""
     out: dict[str, Any] = {}
-    for name, pool in s.pools.items():
+    pools = {**s.candidates(in_flight), s.same_layout_at(in_flight): s.pools[s.same_layout_at(in_flight)]}
+    for name, pool in pools.items():
         result, cpu = quiet.measure(lambda pool=pool: pool.run(ctx.plan.limit_slice_s, "pipeline"),  # type: ignore[misc]
                                     {"limit": None})
         out[name] = (result, cpu)
     return out
 
 
-def _system_slice(ctx: Context, system: System, streams: int, quiet: Quiet) -> tuple[LoadRun, dict[str, Any]]:
-    times = WorkerTimes(system.daemon, model_key()) if system.daemon else None
+def limit_at(ctx: Context, s: Systems, quiet: Quiet, in_flight: int) -> LayoutResult:
+    """limit(k): the best of the layouts that can have ``in_flight`` frames in flight, measured now."""
+    measured = _limit_slice(ctx, s, quiet, in_flight)
+    result: LayoutResult = max((measured[name][0] for name in s.candidates(in_flight)), key=lambda x: x.fps)
+    return result
+
+
+def system_slice(ctx: Context, system: System, streams: int, quiet: Quiet) -> tuple[LoadRun, dict[str, Any]]:
+    times = WorkerTimes(system.daemon, model_key(name=ctx.model)) if system.daemon else None
     run, cpu = quiet.measure(lambda: system.client.closed_loop(streams, ctx.plan.sweep_s, ctx.plan.warmup_s),
                              system.pids)
     if times is not None:
@@ -135,7 +154,7 @@ def _system_slice(ctx: Context, system: System, streams: int, quiet: Quiet) -> t
     return run, cpu
 
 
-def _latencies(runs: list[LoadRun], work_s: list[float]) -> dict[str, Any]:
+def latencies(runs: list[LoadRun], work_s: list[float]) -> dict[str, Any]:
     got = [(m, w) for run, w in zip(runs, work_s, strict=True) for m in run.in_window()]
     latency = [m.latency for m, _ in got]
     # each frame's own work (decode + preprocess + infer, as the system timed it) subtracted from its latency;
@@ -162,7 +181,11 @@ def _median(values: list[float]) -> float | None:
 
 
 def sweep(ctx: Context, s: Systems, quiet: Quiet) -> dict[str, Any]:
-    """Closed-loop throughput of every system at every stream count, with the limit measured in each round."""
+    """Closed-loop throughput of every system at every stream count, with the limit measured in each round.
+
+    The limit at ``n`` streams (``n`` frames in flight) is the best raw layout that has at most ``n`` frames in
+    flight: at one stream, one loop whose session has a thread per core; from as many streams as cores on,
+    also a loop (or a process) per core."""
     plan = ctx.plan
     out: dict[str, list[dict[str, Any]]] = {LIMIT: [], APPLIANCE: [], EMBEDDED: [], NAIVE: []}
     all_work: list[float] = []  # per-frame work (ms, p50) of raw ONNX Runtime in the appliance's layout
@@ -175,15 +198,16 @@ def sweep(ctx: Context, s: Systems, quiet: Quiet) -> dict[str, Any]:
             trial: dict[str, Any] = {}
             for name in names[k:] + names[:k]:
                 if name == LIMIT:
-                    trial[LIMIT] = _limit_slice(ctx, s, quiet)
+                    trial[LIMIT] = _limit_slice(ctx, s, quiet, n)
                 else:
-                    trial[name] = _system_slice(ctx, s.systems[name], n, quiet)
+                    trial[name] = system_slice(ctx, s.systems[name], n, quiet)
             rounds.append(trial)
-        best_limit = [max(t[LIMIT].values(), key=lambda rc: rc[0].fps)[0] for t in rounds]
-        same_limit: list[LayoutResult] = [t[LIMIT][s.same_layout][0] for t in rounds]
+        candidates = s.candidates(n)
+        best_limit = [max((t[LIMIT][name] for name in candidates), key=lambda rc: rc[0].fps)[0] for t in rounds]
+        same_limit: list[LayoutResult] = [t[LIMIT][s.same_layout_at(n)][0] for t in rounds]
         out[LIMIT].append({
-            "streams": n, "fps": _median([x.fps for x in best_limit]),
-            "layouts": {name: _median([t[LIMIT][name][0].fps for t in rounds]) for name in s.pools},
+            "streams": n, "fps": _median([x.fps for x in best_limit]), "same_layout": s.same_layout_at(n),
+            "layouts": {name: _median([t[LIMIT][name][0].fps for t in rounds]) for name in rounds[0][LIMIT]},
             "best": [x.name for x in best_limit],
             "foreign_percent": [c["foreign_percent"] for t in rounds for _, c in t[LIMIT].values()]})
         work = [x.per_frame_ms["p50"] / 1000 for x in same_limit]
@@ -199,7 +223,7 @@ def sweep(ctx: Context, s: Systems, quiet: Quiet) -> dict[str, Any]:
                                           for run, lim in zip(runs, same_limit, strict=True)]),
                 "rounds_fps": [round(run.throughput(), 2) for run in runs],
                 "lost": sum(run.lost for run in runs),
-                **_latencies(runs, work),
+                **latencies(runs, work),
                 "cpu_percent": {role: round(float(np.mean([c["cpu_percent"].get(role, 0.0) for c in cpus])), 1)
                                 for role in cpus[0]["cpu_percent"]},
                 "foreign_percent": [c["foreign_percent"] for c in cpus],
@@ -237,8 +261,8 @@ def latency(ctx: Context, s: Systems, quiet: Quiet, capacity: dict[str, dict[int
             out.setdefault(name, []).append({
                 "streams": n, "offered_fps": round(rate, 2), "fps": round(run.throughput(), 2), "sent": sent,
                 "unanswered": run.unanswered(*run.window), "phases": "even" if even else "random",
-                **_latencies([run], [work_s]), **cpu})
+                **latencies([run], [work_s]), **cpu})
     # every stream count's samples together: a steadier p99 than any one short run gives
     out["pooled"] = {name: {"streams": list(streams), "results": sum(len(r.in_window()) for r in rs),
-                            **_latencies(rs, [work_s] * len(rs))} for name, rs in runs.items()}
+                            **latencies(rs, [work_s] * len(rs))} for name, rs in runs.items()}
     return out

@@ -81,6 +81,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         ctx, plan, r = self.ctx, self.ctx.plan, self.results
         r["plan"] = dict(vars(plan))
+        r["cores"] = ctx.threads
         r["conditions"] = self.part("conditions", lambda: S.conditions(ctx))
         with Mosquitto(ctx.workdir) as broker:
             with ExitStack() as stack:
@@ -90,6 +91,7 @@ class Runner:
                 else:
                     for key in ("limit", "appliance", "naive", "latency", "overload", "hot_swap"):
                         r[key] = systems
+            r["cheap"] = self.part("cheap model", lambda: self._cheap(broker))
             r["memory_per_model"] = self.part("memory_per_model", lambda: S.memory_per_model(ctx, broker.port))
             r["source_churn"] = self.part("source churn", lambda: S.source_churn(ctx, broker.port))
         if isinstance(r.get(C.APPLIANCE), list) and len(os.sched_getaffinity(0)) > 1:
@@ -104,25 +106,22 @@ class Runner:
         r["waited_s"] = round(self.quiet.waited_s, 1)
         return r
 
-    def _start(self, stack: ExitStack, broker: Mosquitto, embedded: bool = True) -> C.Systems:
+    def _start(self, stack: ExitStack, broker: Mosquitto, embedded: bool = True, extra: str = "") -> C.Systems:
         ctx = self.ctx
         n = ctx.threads
         pools = {}
-        # one process per core; one process with a thread per core; the worker's layout: one process with a
-        # loop per executor sharing a session (a loop per core, one thread each, by default)
         executors, intra_op = S.worker_layout()
-        layouts = [(n, 1, 1), (1, n, 1)] if n > 1 else [(1, 1, 1)]
-        if executors > 1 and (1, intra_op, executors) not in layouts:
-            layouts.append((1, intra_op, executors))
-        for processes, threads, loops in layouts:
+        for processes, threads, loops in S.limit_layouts(n, executors, intra_op):
             pool = stack.enter_context(LimitPool(ctx.model_dir, ctx.frames, processes, threads, loops))
             pools[pool.name] = pool
         same = next(p.name for p in pools.values() if p.processes == 1 and p.loops == executors) \
             if executors > 1 else next(p.name for p in pools.values() if p.processes == 1)
+        alone = next(p.name for p in pools.values() if (p.processes, p.loops, p.threads) == (1, 1, n)) \
+            if executors > 1 else None
         self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
-        s = C.Systems(pools, same)
+        s = C.Systems(pools, same, alone)
         for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None))[: 2 if embedded else 1]:
-            daemon = stack.enter_context(Appliance(ctx.workdir, broker_port=port))
+            daemon = stack.enter_context(Appliance(ctx.workdir, broker_port=port, extra=extra))
             S.install_bench_app(ctx, daemon)
             daemon.start()
             wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]
@@ -168,6 +167,64 @@ class Runner:
                          C.NAIVE: {key: naive[key] for key in keep}})
         return rows
 
+    def _cheap(self, broker: Mosquitto) -> dict[str, Any]:
+        """The sweep again on a cheap model (about 1 ms per inference), where the pipeline's own cost is most of
+        the story: limit, appliance (Mosquitto) and naive baseline interleaved, and a profile at 8 streams."""
+        ctx = self.ctx
+        model_dir = build_bench_model(ctx.workdir / "models" / S.CHEAP_MODEL, name=S.CHEAP_MODEL, width=S.CHEAP_WIDTH)
+        plan = replace(ctx.plan, streams=ctx.plan.cheap_streams, embedded_streams=())
+        sub = replace(ctx, plan=plan, model_dir=model_dir, workdir=ctx.workdir / "cheap")
+        sub.workdir.mkdir(parents=True)
+        card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+        out: dict[str, Any] = {"model": {"name": S.CHEAP_MODEL, "description": card["description"],
+                                         "bytes": (model_dir / "model.onnx").stat().st_size}}
+        with ExitStack() as stack:
+            systems = Runner(sub, False)._start(stack, broker, embedded=False)
+            out["reference"] = C.reference(replace(sub, plan=replace(plan, limit_s=plan.limit_slice_s)), systems,
+                                           self.quiet)
+            sweep = C.sweep(sub, systems, self.quiet)
+            app = systems.systems[C.APPLIANCE]
+            if self.profile and app.daemon is not None:
+                out["profile"] = S.profile(sub, app.client, app.daemon, plan.overload_streams, name="cheap-")
+        out.update({key: sweep[key] for key in (C.LIMIT, C.APPLIANCE, C.NAIVE)})
+        out["work_ms"] = sweep["work_ms"]
+        return out
+
+    def _designs(self, s: C.Systems, broker: Mosquitto) -> dict[str, Any]:
+        """The worker's possible layouts side by side: the appliance on Mosquitto with each, closed loop at a few
+        stream counts, each measurement beside the limit at that concurrency in the same round."""
+        ctx, plan = self.ctx, self.ctx.plan
+        cores = ctx.threads
+        out: dict[str, Any] = {}
+        for key, label, extra in S.worker_designs(cores):
+            with ExitStack() as stack:
+                daemon = stack.enter_context(Appliance(ctx.workdir / f"design-{key}", broker_port=broker.port,
+                                                       extra=extra))
+                S.install_bench_app(ctx, daemon)
+                daemon.start()
+                wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]
+                           f"the bench app serving ({label})")
+                client = stack.enter_context(LoadClient(daemon.mqtt_port, daemon.results_topic, ctx.frames,
+                                                        mqtt5=True, drain_s=self.drain_s))
+                pids: dict[str, int | None] = {"daemon": daemon.pid, **daemon.worker_pids(), "mosquitto": broker.pid}
+                system = C.System(key, client, pids, daemon)
+                rows = []
+                for n in plan.design_streams:
+                    limit = C.limit_at(ctx, s, self.quiet, n)
+                    run, cpu = C.system_slice(ctx, system, n, self.quiet)
+                    rows.append({"streams": n, "fps": round(run.throughput(), 2), "limit_fps": round(limit.fps, 2),
+                                 "x_limit": round(run.throughput() / limit.fps, 3) if limit.fps else None,
+                                 "latency_ms": C.latencies([run], [0.0])["latency_ms"],
+                                 "cpu_percent": cpu["cpu_percent"], "foreign_percent": cpu["foreign_percent"],
+                                 "worker": cpu.get("worker")})
+                status = daemon.status()
+                worker: dict[str, Any] = next((w for w in status.get("workers", []) if w.get("partition") == "cpu"), {})
+                memory = next((m.get("memory_mb") for m in status.get("models", [])), None)
+                out[key] = {"label": label, "settings": extra.strip(), "rows": rows, "memory_mb": memory,
+                            "executors": worker.get("executors"), "threads": worker.get("threads"),
+                            "alone_threads": worker.get("alone_threads")}
+        return out
+
     def _compare(self, s: C.Systems, broker: Mosquitto) -> None:
         ctx, plan, r = self.ctx, self.ctx.plan, self.results
         r["limit"] = self.part("limit", lambda: C.reference(ctx, s, self.quiet))
@@ -201,6 +258,7 @@ class Runner:
             at(plan.overload_streams)["latency_ms"]["p99"]))
         r["hot_swap"] = self.part("hot_swap", lambda: S.hot_swap(
             ctx, app.client, daemon, at(plan.swap_streams)["fps"], work_s))
+        r["designs"] = self.part("worker designs", lambda: self._designs(s, broker))
 
     def _limit_again(self) -> dict[str, Any]:
         ctx = self.ctx

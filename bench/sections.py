@@ -76,19 +76,25 @@ class Plan:
     tries: int  # a measurement disturbed by other users of the machine is taken again, up to this many times
     quiet_percent: float  # "disturbed": others used more than this much CPU (% of one core) meanwhile
     retry_budget_s: float  # no more retries once the run has taken this long
+    cheap_streams: tuple[int, ...]  # stream counts of the cheap model's sweep
+    design_streams: tuple[int, ...]  # stream counts at which the worker designs are compared
 
+
+CHEAP_MODEL = "bench-cheap"  # the second workload: MobileNet v1 0.25 (about 1 ms per inference on one core)
+CHEAP_WIDTH = 0.25
 
 FULL = Plan(quick=False, limit_s=6.0, limit_slice_s=3.0, streams=(1, 2, 4, 8, 16, 32), embedded_streams=(1, 8, 32),
             rounds=2, sweep_s=5.0, warmup_s=1.0, latency_s=8.0, latency_load=0.7, overload_s=300.0,
             overload_streams=8, overload_factor=2.0, cores_streams=8, idle_s=60.0, idle_settle_s=5.0, swap_streams=4,
             swap_before_s=5.0, swap_after_s=5.0, swap_timeout_s=120.0, model_copies=(1, 2, 4), churn_cameras=150,
             churn_frame_bytes=2_000_000, churn_forget_s=10.0, profile_s=20.0, tries=3, quiet_percent=10.0,
-            retry_budget_s=600.0)
+            retry_budget_s=600.0, cheap_streams=(1, 2, 4, 8, 16), design_streams=(1, 2, 8))
 QUICK = Plan(quick=True, limit_s=0.3, limit_slice_s=0.3, streams=(1, 2), embedded_streams=(1,), rounds=1,
              sweep_s=0.6, warmup_s=0.2, latency_s=0.6, latency_load=0.7, overload_s=1.5, overload_streams=2,
              overload_factor=2.0, cores_streams=2, idle_s=1.0, idle_settle_s=0.2, swap_streams=2, swap_before_s=0.3,
              swap_after_s=0.3, swap_timeout_s=60.0, model_copies=(1, 2), churn_cameras=6, churn_frame_bytes=100_000,
-             churn_forget_s=1.0, profile_s=2.0, tries=1, quiet_percent=10.0, retry_budget_s=0.0)
+             churn_forget_s=1.0, profile_s=2.0, tries=1, quiet_percent=10.0, retry_budget_s=0.0,
+             cheap_streams=(1, 2), design_streams=(1,))
 
 
 @dataclass
@@ -99,6 +105,12 @@ class Context:
     workdir: Path
     threads: int  # intra-op threads of the appliance's worker and the naive baseline (one per core)
     out_dir: Path  # where plots and profiles go
+
+    @property
+    def model(self) -> str:
+        """The name of the model the systems run (the bench model, or the cheap one)."""
+        name: str = json.loads((self.model_dir / "model.json").read_text(encoding="utf-8"))["name"]
+        return name
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -157,9 +169,34 @@ def worker_layout() -> tuple[int, int]:
     return cpu.executors, cpu.threads_for(cpu.executors)
 
 
+def limit_layouts(cores: int, executors: int, intra_op: int) -> list[tuple[int, int, int]]:
+    """(processes, threads, loops) of the limit's layouts on ``cores`` cores: for 1, 2, 4, ... frames in flight up to
+    one per core, one process with that many loops sharing a session with the cores shared out among them
+    (one loop with a thread per core: the best for a lone frame); one process per core, one thread each; and
+    the worker's own layout (a loop per executor)."""
+    layouts = [(1, max(1, cores // c), c) for c in sorted({*(2**i for i in range(8) if 2**i < cores), cores})]
+    if cores > 1:
+        layouts.append((cores, 1, 1))
+    if (1, intra_op, executors) not in layouts:
+        layouts.append((1, intra_op, executors))
+    return layouts
+
+
+def worker_designs(cores: int) -> list[tuple[str, str, str]]:
+    """(key, label, [runtime] settings) of the CPU worker's possible layouts, compared side by side."""
+    runtime = "[runtime]\n"
+    return [
+        ("default", f"{cores} one-thread sessions, and a {cores}-thread session for a frame alone (the default)", ""),
+        ("narrow", f"{cores} one-thread sessions only", runtime + "lone_frame_all_cores = false\n"),
+        ("pool", f"{cores} executors sharing one session of {cores} threads (not spinning)",
+         runtime + f"intra_op_threads = {cores}\nlone_frame_all_cores = false\n"),
+        ("wide", f"1 executor, one session of {cores} threads", runtime + "executors = 1\n"),
+    ]
+
+
 def install_bench_app(ctx: Context, daemon: Appliance) -> None:
     daemon.cli("models", "add", str(ctx.model_dir))
-    daemon.cli("apps", "add", str(make_app(ctx.workdir / f"app-{daemon.http_port}.json", "bench", BENCH_MODEL,
+    daemon.cli("apps", "add", str(make_app(ctx.workdir / f"app-{daemon.http_port}.json", "bench", ctx.model,
                                            "1.0.0", ["cameras/+/frame"])))
 
 
@@ -599,8 +636,9 @@ def source_churn(ctx: Context, broker_port: int) -> dict[str, Any]:
 # --- profile (optional) --------------------------------------------------------------------------
 
 
-def profile(ctx: Context, client: LoadClient, daemon: Appliance, streams: int) -> dict[str, Any]:
-    """py-spy on the daemon's main process and its worker under a closed-loop load; top functions by own time."""
+def profile(ctx: Context, client: LoadClient, daemon: Appliance, streams: int, name: str = "") -> dict[str, Any]:
+    """py-spy on the daemon's main process and its worker under a closed-loop load; top functions by own time.
+    The raw stacks go to ``profile-{name}{role}.txt``."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
@@ -608,7 +646,7 @@ def profile(ctx: Context, client: LoadClient, daemon: Appliance, streams: int) -
     procs = {}
     files = {}
     for role, pid in targets.items():
-        files[role] = ctx.out_dir / f"profile-{role}.txt"
+        files[role] = ctx.out_dir / f"profile-{name}{role}.txt"
         procs[role] = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(ctx.plan.profile_s)),
                                         "--rate", "100", "--format", "raw", "--nonblocking", "-o", str(files[role])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -43,12 +43,27 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
         assert one["cores"] == 1 and one["limit"]["fps"] > 0
         assert one["appliance"]["fps"] > 0 and one["naive"]["fps"] > 0
 
+    cheap = results["cheap"]
+    assert cheap["model"]["name"] == "bench-cheap" and all(row["fps"] > 0 for row in cheap["appliance"])
+    assert [row["streams"] for row in cheap["limit"]] == [row["streams"] for row in cheap["appliance"]]
+    designs = results["designs"]
+    assert set(designs) == {"default", "narrow", "pool", "wide"}
+    if several_cores:  # each design really ran the worker layout it names
+        layout = {key: (d["executors"], d["threads"], d["alone_threads"]) for key, d in designs.items()}
+        cores = len(os.sched_getaffinity(0))
+        assert layout == {"default": (cores, 1, cores), "narrow": (cores, 1, 0), "pool": (cores, cores, 0),
+                          "wide": (1, cores, 0)}
+    target_names = [t["target"] for t in results["targets"]]
+    assert any("limit(k) at every stream count" in t for t in target_names)
+    assert any("naive at every stream count" in t for t in target_names)
+
     report = (tmp_path / "BENCHMARKS.md").read_text()
     if several_cores:
         assert "## 8. The same comparison on fewer cores" in report
     for heading in ("## Conditions", "## Targets", "## 1. The limit", "## 2. The appliance end to end",
                     "## Latency at 70 % load", "## 4. Overload", "## 5. Idle footprint", "## 6. Hot swap",
-                    "## 7. Memory per extra model", "## 9. Memory as cameras come and go"):
+                    "## 7. Memory per extra model", "## 9. Memory as cameras come and go",
+                    "## 10. A cheap model", "## 11. Worker designs side by side"):
         assert heading in report, f"BENCHMARKS.md has no {heading!r}"
     for plot in ("throughput.png", "latency.png", "overload.png"):
         png = tmp_path / "bench" / plot
