@@ -24,6 +24,7 @@ from appliance.runtime.inventory import (
     read_inventory,
 )
 from appliance.runtime.partitions import (
+    GPU_EXECUTORS,
     GPU_INTRA_OP_THREADS,
     PartitionError,
     PartitionPlan,
@@ -76,6 +77,7 @@ def test_auto_on_h100_with_seven_mig_instances() -> None:
         )
         assert plan.expected_provider == "CUDAExecutionProvider"
         assert plan.intra_op_threads == GPU_INTRA_OP_THREADS and plan.gpu_index == 0
+        assert plan.executors == GPU_EXECUTORS, "host decode of one frame overlaps the device's run of another"
     assert len({p.env["CUDA_VISIBLE_DEVICES"] for p in plans[:7]}) == 7
     cpu = plans[-1]
     assert cpu.cores == tuple(range(1, 16)), "core 0 is left to the management plane"

@@ -56,6 +56,9 @@ Providers = tuple[tuple[str, dict[str, str]], ...]
 # A GPU worker's ONNX Runtime threads only run the few nodes left on the CPU and feed the GPU; two keep a
 # copy or a small op from stalling the stream without taking cores from the cpu partition.
 GPU_INTRA_OP_THREADS: Final = 2
+# Two frames at once on a GPU partition: one is decoded and preprocessed on the host while the other runs on the
+# device (one executor would leave the GPU idle during every decode); runtime.max_batch stacks frames that wait.
+GPU_EXECUTORS: Final = 2
 MANAGEMENT_CORES: Final = 1  # auto, with GPU partitions and more than 2 cores: kept out of the cpu partition
 CPU_PROVIDERS: Final[Providers] = (("CPUExecutionProvider", {}),)
 
@@ -139,7 +142,7 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(compute_percent)
     return PartitionPlan(name=name, device=device, kind=kind, memory_mb=memory_mb, compute_percent=compute_percent,
                          env=env, providers=_gpu_providers(memory_mb, tensorrt, trt_cache_dir / name),
-                         intra_op_threads=GPU_INTRA_OP_THREADS, gpu_index=gpu.index)
+                         intra_op_threads=GPU_INTRA_OP_THREADS, executors=GPU_EXECUTORS, gpu_index=gpu.index)
 
 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:
