@@ -91,7 +91,7 @@ class _Work:
         import numpy as np
         import onnxruntime as ort
 
-        from appliance.runtime.processing import decode_image, preprocess_image
+        from appliance.runtime.processing import decode_frame, preprocess_image
         from formats.model_card import ImageInput, ModelCard
 
         self.card = card = ModelCard.load(Path(model_dir) / "model.json")
@@ -107,13 +107,13 @@ class _Work:
         self.session.run(self.names, {spec.name: np.zeros((1, 3, spec.height, spec.width), np.float32)})
         self.load_s = time.perf_counter() - t0
         self.session_mb = _rss_mb() - before
-        self.tensors = [preprocess_image(decode_image(f), spec)[0] for f in frames[:8]]
+        self.tensors = [preprocess_image(decode_frame(f), spec)[0] for f in frames[:8]]
         for i in range(WARMUP_RUNS):
             self.session.run(self.names, {spec.name: self.tensors[i % len(self.tensors)]})
 
     def loop(self, seconds: float, mode: Mode, first: int) -> dict[str, Any]:
         """Run frames from index ``first`` on for ``seconds``; the frame count and per-frame times."""
-        from appliance.runtime.processing import decode_image, decode_outputs, preprocess_image
+        from appliance.runtime.processing import decode_frame, decode_outputs, preprocess_image
 
         spec, names, frames = self.spec, self.names, self.frames
         stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "infer": []}
@@ -125,7 +125,7 @@ class _Work:
         while now < end:
             t1 = time.perf_counter()
             if mode == "pipeline":
-                rgb = decode_image(frames[n % len(frames)])
+                rgb = decode_frame(frames[n % len(frames)])
                 t2 = time.perf_counter()
                 tensor, transform = preprocess_image(rgb, spec)
                 t3 = time.perf_counter()

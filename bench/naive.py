@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
     from appliance.ingest.client import tcp_no_delay
-    from appliance.runtime.processing import decode_image, decode_outputs, preprocess_image
+    from appliance.runtime.processing import decode_frame, decode_outputs, preprocess_image
     from bench.limit import session_options
     from formats.model_card import ImageInput, ModelCard
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ts = float(value)
         started = time.perf_counter()
         try:
-            tensor, transform = preprocess_image(decode_image(bytes(msg.payload)), spec)
+            tensor, transform = preprocess_image(decode_frame(bytes(msg.payload)), spec)
             raw = session.run(names, {spec.name: tensor})
             detections = decode_outputs(card, dict(zip(names, raw)), transform)
             work = time.perf_counter() - started

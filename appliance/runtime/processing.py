@@ -1,10 +1,12 @@
 """From encoded frame to model input, and from model output to detections: numpy and Pillow only.
 
-Runs in the worker process (see ``worker.py``): ``decode_image`` -> ``preprocess_image`` -> the
+Runs in the worker process (see ``worker.py``): ``decode_frame`` -> ``preprocess_image`` -> the
 session -> ``decode_outputs``. Nothing here imports ONNX Runtime, so it can be tested and reused
-without a session. Example::
+without a session. ``decode_frame`` keeps the decoded frame as a Pillow image, which
+``preprocess_image`` resizes as it is (``decode_image`` gives a NumPy array instead, which costs two
+more copies of the whole frame on the way to the model). Example::
 
-    rgb = decode_image(jpeg_bytes)
+    rgb = decode_frame(jpeg_bytes)
     tensor, transform = preprocess_image(rgb, card.input)
     raw = session.run(card.output_names(), {card.input.name: tensor})
     detections = decode_outputs(card, dict(zip(card.output_names(), raw)), transform)
@@ -40,6 +42,7 @@ __all__ = [
     "FrameRejected",
     "Letterbox",
     "RejectReason",
+    "decode_frame",
     "decode_image",
     "decode_outputs",
     "nms",
@@ -71,7 +74,12 @@ def sniff_image(data: bytes) -> str | None:
 
 
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> npt.NDArray[np.uint8]:
-    """Decode a JPEG or PNG into an ``(H, W, 3)`` uint8 RGB array.
+    """Decode a JPEG or PNG into an ``(H, W, 3)`` uint8 RGB array (see ``decode_frame``)."""
+    return np.asarray(decode_frame(data, max_pixels), dtype=np.uint8)
+
+
+def decode_frame(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode a JPEG or PNG into an RGB Pillow image, loaded.
 
     The size is checked from the header before any pixel is decoded; a truncated or corrupt file is
     rejected rather than padded with grey. Raises FrameRejected.
@@ -87,12 +95,13 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> npt.NDArray[np.ui
         # someone in this process told Pillow to accept truncated files; do not rely on it to refuse
         raise FrameRejected("corrupt_image", f"{kind.upper()} of {len(data)} bytes is truncated (no end marker)")
     try:
-        with Image.open(io.BytesIO(data), formats=[kind.upper()]) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise _too_large(kind, width, height, max_pixels)
-            im.load()
-            return _to_rgb(im)
+        # not closed: closing a Pillow image frees its pixels, and an in-memory file holds nothing else
+        im = Image.open(io.BytesIO(data), formats=[kind.upper()])
+        width, height = im.size
+        if width * height > max_pixels:
+            raise _too_large(kind, width, height, max_pixels)
+        im.load()
+        return _to_rgb(im)
     except FrameRejected:
         raise
     except Image.DecompressionBombError as e:
@@ -124,14 +133,14 @@ def _has_end_marker(data: bytes, kind: str) -> bool:
     return b"IEND" in tail
 
 
-def _to_rgb(im: Image.Image) -> npt.NDArray[np.uint8]:
+def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit greyscale: Pillow's convert("RGB") clips instead of scaling
         grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
     if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8)
+        return im.convert("RGB")
+    return im
 
 
 # --- preprocessing -------------------------------------------------------------------------------
@@ -176,11 +185,18 @@ def _clip01(v: float) -> float:
     return min(1.0, max(0.0, v))
 
 
-def preprocess_image(rgb: npt.NDArray[np.uint8], spec: ImageInput) -> tuple[npt.NDArray[np.generic], Letterbox]:
-    """Resize, reorder and normalise an RGB frame into the input tensor the card describes (batch 1)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+def preprocess_image(rgb: npt.NDArray[np.uint8] | Image.Image,
+                     spec: ImageInput) -> tuple[npt.NDArray[np.generic], Letterbox]:
+    """Resize, reorder and normalise an RGB frame (an array, or an image from ``decode_frame``) into the input
+    tensor the card describes (batch 1)."""
+    if isinstance(rgb, Image.Image):
+        if rgb.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {rgb.mode}")
+        orig_w, orig_h = rgb.size
+    elif rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.dtype} {rgb.shape}")
-    orig_h, orig_w = int(rgb.shape[0]), int(rgb.shape[1])
+    else:
+        orig_h, orig_w = int(rgb.shape[0]), int(rgb.shape[1])
     in_w, in_h = spec.width, spec.height
 
     if spec.resize == "stretch":
@@ -220,13 +236,17 @@ def preprocess_image(rgb: npt.NDArray[np.uint8], spec: ImageInput) -> tuple[npt.
     return tensor, transform
 
 
-def _resize(rgb: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
-    if rgb.shape[1] == width and rgb.shape[0] == height:
+def _resize(rgb: npt.NDArray[np.uint8] | Image.Image, width: int, height: int) -> npt.NDArray[np.uint8]:
+    if isinstance(rgb, Image.Image):
+        im = rgb
+    elif (rgb.shape[1], rgb.shape[0]) == (width, height):
         return rgb
+    else:
+        im = Image.fromarray(np.ascontiguousarray(rgb))
+    if im.size == (width, height):
+        return np.asarray(im, dtype=np.uint8)
     # reducing_gap: big downscales first shrink by an integer factor (fast), then resample; 3 is visually exact
-    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize(
-        (width, height), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP
-    )
+    resized = im.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP)
     return np.asarray(resized, dtype=np.uint8)
 
 

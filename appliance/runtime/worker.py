@@ -246,7 +246,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
     """Decode each frame once, then feed each model its frames: in one batch where the model allows it."""
     import numpy as np
 
-    from appliance.runtime.processing import FrameRejected, decode_image, decode_outputs
+    from appliance.runtime.processing import FrameRejected, decode_frame, decode_outputs
 
     dones: dict[int, JobDone] = {}
     pixels: dict[int, Any] = {}
@@ -256,7 +256,7 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
         mark(job.job_id, -1)
         if isinstance(job, ImageJob):
             try:
-                pixels[job.job_id] = decode_image(job.data, max_pixels=config.max_image_pixels)
+                pixels[job.job_id] = decode_frame(job.data, max_pixels=config.max_image_pixels)
             except FrameRejected as e:
                 dones[job.job_id] = JobDone(job.job_id, rejected=(e.reason, e.detail))
                 continue
