@@ -17,6 +17,7 @@ from appliance.demo.scene import render_frame
 from appliance.runtime.processing import (
     FrameRejected,
     Letterbox,
+    decode_frame,
     decode_image,
     decode_outputs,
     nms,
@@ -86,6 +87,20 @@ def test_decode_jpeg_gives_rgb_array_of_frame_size() -> None:
     rgb = decode_image(render_frame(0.0, 0, width=640, height=480))
     assert rgb.shape == (480, 640, 3)
     assert rgb.dtype == np.uint8
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "stretch"])
+def test_the_workers_pillow_path_gives_the_model_the_same_tensor_as_the_array_path(resize: str) -> None:
+    """The worker keeps the decoded frame as a Pillow image and resizes it as it is (two fewer copies of the
+    frame); the model must see exactly what the array path gives, boxes included."""
+    jpeg = render_frame(0.7, 3, width=640, height=480)
+    spec = ImageInput(name="images", layout="NCHW", width=224, height=224, colour="RGB", mean=(0.485, 0.456, 0.406),
+                      std=(0.229, 0.224, 0.225), scale=1 / 255, resize=resize)
+    frame = decode_frame(jpeg)
+    assert frame.mode == "RGB" and frame.size == (640, 480)
+    via_image, box_a = preprocess_image(frame, spec)
+    via_array, box_b = preprocess_image(decode_image(jpeg), spec)
+    assert np.array_equal(via_image, via_array) and box_a == box_b
 
 
 def test_text_payload_is_not_an_image() -> None:
