@@ -45,6 +45,7 @@ log = logging.getLogger("bench")
 FRAMES_FULL = 32  # different pre-encoded frames
 FRAMES_QUICK = 8
 NAIVE_PREFIX = "naivecams"  # the naive baseline's camera topics, apart from the appliance's
+DESIGN_PREFIX = "designcams"  # the worker designs' camera topics: the main appliance shares their broker
 
 
 def _frames(count: int) -> list[bytes]:
@@ -200,12 +201,12 @@ class Runner:
             with ExitStack() as stack:
                 daemon = stack.enter_context(Appliance(ctx.workdir / f"design-{key}", broker_port=broker.port,
                                                        extra=extra))
-                S.install_bench_app(ctx, daemon)
+                S.install_bench_app(ctx, daemon, prefix=DESIGN_PREFIX)
                 daemon.start()
                 wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]
                            f"the bench app serving ({label})")
                 client = stack.enter_context(LoadClient(daemon.mqtt_port, daemon.results_topic, ctx.frames,
-                                                        mqtt5=True, drain_s=self.drain_s))
+                                                        mqtt5=True, prefix=DESIGN_PREFIX, drain_s=self.drain_s))
                 pids: dict[str, int | None] = {"daemon": daemon.pid, **daemon.worker_pids(), "mosquitto": broker.pid}
                 system = C.System(key, client, pids, daemon)
                 rows = []

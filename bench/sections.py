@@ -194,10 +194,11 @@ def worker_designs(cores: int) -> list[tuple[str, str, str]]:
     ]
 
 
-def install_bench_app(ctx: Context, daemon: Appliance) -> None:
+def install_bench_app(ctx: Context, daemon: Appliance, prefix: str = "cameras") -> None:
+    """The bench app on ``{prefix}/+/frame``: daemons that share a broker listen on prefixes of their own."""
     daemon.cli("models", "add", str(ctx.model_dir))
     daemon.cli("apps", "add", str(make_app(ctx.workdir / f"app-{daemon.http_port}.json", "bench", ctx.model,
-                                           "1.0.0", ["cameras/+/frame"])))
+                                           "1.0.0", [f"{prefix}/+/frame"])))
 
 
 # --- conditions ----------------------------------------------------------------------------------
