@@ -9,12 +9,13 @@ wait on a busy worker. ``executors`` threads each take a job (or a batch), decod
 it; on a CPU partition there is one per core, sharing each session, and each runs the model on its own
 thread (one intra-op thread: no thread pool), so the cores work on different frames side by side
 (ONNX Runtime, Pillow and NumPy release the GIL for the heavy parts). A frame that has the worker to
-itself (no other job received and not answered) runs instead on a second session of the same model
-with a thread per core (``alone_threads``), so a lone camera gets the whole box. Measured side by side
-in docs/BENCHMARKS.md ("Worker designs"): as fast as one session with a thread per core for one frame
-in flight, and as fast as a session per core for several, where one thread pool shared by the
-executors loses at both ends; the price is the second session's memory (its own copy of the
-optimised weights and its arena: ONNX Runtime's Python API cannot share prepacked weights). One
+itself (no other job received and not answered, and no two met in the worker for half a second) runs
+instead on a second session of the same model with a thread per core (``alone_threads``), so a lone
+camera gets the whole box. The other layouts (one pool shared by the executors, one executor with
+every core) are measured beside this one in docs/BENCHMARKS.md (section 11). The price is the second
+session's memory: its own copy of the optimised weights and its arena (sharing the initializers saves
+nothing, since ONNX Runtime rewrites the weights for its CPU kernels per session, and its Python API
+cannot share prepacked weights). One
 loader thread loads and unloads models in order, at a lower CPU priority where it can, so a model
 being loaded or warmed up never stops or slows the models that are serving; the threads of a second
 session are made by a thread at the serving priority (``_ServingPriority``), since threads inherit the
