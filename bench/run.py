@@ -200,7 +200,7 @@ class Runner:
         for key, label, extra in S.worker_designs(cores):
             with ExitStack() as stack:
                 daemon = stack.enter_context(Appliance(ctx.workdir / f"design-{key}", broker_port=broker.port,
-                                                       extra=extra))
+                                                       extra=f'[topics]\ncameras = "{DESIGN_PREFIX}"\n' + extra))
                 S.install_bench_app(ctx, daemon, prefix=DESIGN_PREFIX)
                 daemon.start()
                 wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]

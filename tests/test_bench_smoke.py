@@ -48,6 +48,7 @@ def test_quick_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert [row["streams"] for row in cheap["limit"]] == [row["streams"] for row in cheap["appliance"]]
     designs = results["designs"]
     assert set(designs) == {"default", "narrow", "pool", "wide"}
+    assert all(row["fps"] > 0 for d in designs.values() for row in d["rows"]), f"a design served nothing: {designs}"
     if several_cores:  # each design really ran the worker layout it names
         layout = {key: (d["executors"], d["threads"], d["alone_threads"]) for key, d in designs.items()}
         cores = len(os.sched_getaffinity(0))

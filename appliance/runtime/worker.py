@@ -17,9 +17,10 @@ session's memory: its own copy of the optimised weights and its arena (sharing t
 nothing, since ONNX Runtime rewrites the weights for its CPU kernels per session, and its Python API
 cannot share prepacked weights). One
 loader thread loads and unloads models in order, at a lower CPU priority where it can, so a model
-being loaded or warmed up never stops or slows the models that are serving; the threads of a second
-session are made by a thread at the serving priority (``_ServingPriority``), since threads inherit the
-priority of the thread that starts them.
+being loaded or warmed up never stops or slows the models that are serving. The pool threads of the
+lone-frame sessions, made by the loader, inherit its priority: they run only while a frame is alone,
+and then yield to the daemon and the broker (made at the serving priority, their creation took cores
+from serving during a hot swap: 6 frames skipped in docs/BENCHMARKS.md section 6 against 0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -82,8 +82,8 @@ def _lower_loader_priority(config: WorkerConfig) -> None:
 
     Linux keeps a nice value per thread, and the threads a thread creates inherit it: only on the CPU, where
     the executors' sessions have no intra-op thread pool (one thread each, the executor's own), can the
-    loader be niced without threads it starts serving at that priority for ever; the sessions of frames
-    alone, which have a pool, are made by ``_ServingPriority``. NumPy's and ONNX Runtime's helper threads
+    loader be niced without threads it starts serving at that priority for ever (the pools of the sessions
+    for frames alone are niced with it, on purpose: see the module's docstring). NumPy's and ONNX Runtime's helper threads
     start when they are first imported, so they are imported first, at the serving priority."""
     if _threads(config) != 1 or any(name != "CPUExecutionProvider" for name, _ in config.providers):
         return
@@ -124,35 +124,6 @@ class _InFlight:
         return self._count <= jobs and time.monotonic() - self._together > ALONE_AFTER_S
 
 
-class _ServingPriority:
-    """A thread started with the worker, at the serving priority, that creates sessions with thread pools
-    for the loader: threads inherit the nice value of the thread that starts them, and the loader runs
-    niced."""
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="sessions", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            fn, box, done = self._calls.get()
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # noqa: BLE001 - raised again in the loader, which reports it
-                box.append((False, e))
-            done.set()
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        box: list[Any] = []
-        done = threading.Event()
-        self._calls.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-
 def session_options(threads: int, spinning: bool = True) -> Any:
     """The worker's ONNX Runtime session options: ``threads`` intra-op threads, one inter-op thread, sequential
     execution; ``spinning`` False makes idle pool threads yield their cores at once."""
@@ -168,7 +139,7 @@ def session_options(threads: int, spinning: bool = True) -> Any:
     return options
 
 
-def _load(spec: ModelSpec, config: WorkerConfig, serving: _ServingPriority) -> tuple[_Model, float]:
+def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
     import onnxruntime as ort
 
     t0 = time.perf_counter()
@@ -194,7 +165,7 @@ def _load(spec: ModelSpec, config: WorkerConfig, serving: _ServingPriority) -> t
         # throughout (171 % of a core), 0.89-0.95 not spinning at all (the run itself a millisecond slower)
         options = session_options(config.alone_threads)
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        alone = serving.call(lambda: ort.InferenceSession(data, sess_options=options, providers=providers))
+        alone = ort.InferenceSession(data, sess_options=options, providers=providers)
     model = _Model(spec, session, alone)
     _warm_up(model)
     return model, (time.perf_counter() - t0) * 1000
@@ -358,7 +329,7 @@ def _execute(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], models: dict[str,
 
 
 def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, _Model], config: WorkerConfig,
-                   current: Current, replies: _Replies, serving: _ServingPriority) -> None:
+                   current: Current, replies: _Replies) -> None:
     niced = False
     while True:
         msg = control.get()
@@ -371,7 +342,7 @@ def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, 
         current[-1] = 1
         before = _rss_mb()
         try:
-            model, ms = _load(msg.spec, config, serving)
+            model, ms = _load(msg.spec, config)
         except Exception as e:  # noqa: BLE001 - reported to the supervisor, the worker keeps serving
             replies.send(LoadFailed(msg.spec.key, f"{type(e).__name__}: {e}"))
             continue
@@ -398,7 +369,7 @@ def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> Non
     jobs: queue.SimpleQueue[ImageJob | VectorJob] = queue.SimpleQueue()
     control: queue.SimpleQueue[Load | Unload] = queue.SimpleQueue()
     inflight = _InFlight()
-    threading.Thread(target=_load_in_order, args=(control, models, config, current, replies, _ServingPriority()),
+    threading.Thread(target=_load_in_order, args=(control, models, config, current, replies),
                      name="loader", daemon=True).start()
     for slot in range(config.executors):
         threading.Thread(target=_execute, args=(jobs, models, config, _Marker(current, slot), replies, inflight),
