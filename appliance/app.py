@@ -11,11 +11,15 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import uvicorn
 
@@ -50,10 +54,13 @@ from appliance.samples.spool import Spool
 from appliance.samples.uploader import Uploader
 from appliance.settings import Settings
 from appliance.stats import Stats
-from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus
+from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus, UpgradeStatus
 from appliance.store import Store
 from appliance.sync import SyncLoop, make_sync
 from appliance.tasks import threadsafe
+from appliance.upgrade.carry import take_carry
+from appliance.upgrade.confirm import HealthConfirmation
+from appliance_launcher.state import BOOT_ENV, RESTART_EXIT, Layout, Trial
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,14 @@ MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the mo
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         self.settings = settings
+        self.config_file = config_file
+        self.layout = Layout.from_env()  # the launcher's, when it started this release (upgrades need it)
+        self.exit_code = 0
+        self.stopped = asyncio.Event()  # set to stop the daemon (SIGTERM, or a switch to another release)
+        self.confirmation: HealthConfirmation | None = None
+        self._http_port = 0
         s = settings
         self.started = time.time()
         self.store: Store | None = None
@@ -148,6 +161,12 @@ class Daemon:
         else:
             log.warning("ignored command on %s: %r (known: sync, reload, status)", msg.topic, msg.payload[:100])
 
+    def request_restart(self) -> None:
+        """Stop and exit with RESTART_EXIT, for the launcher to start ``current`` (safe from any thread)."""
+        self.exit_code = RESTART_EXIT
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stopped.set)
+
     # lifecycle
 
     async def start(self) -> None:
@@ -155,8 +174,11 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self._check_tls()
+        if self.layout is not None and s.db_path.exists():
+            await asyncio.to_thread(take_carry, self.layout, s.db_path)  # after a rollback: the failed release's rows
         self.store = Store(s.db_path)
         sock = self._bind_http()
+        self._http_port = sock.getsockname()[1]
         if self.broker is not None:
             self.broker.start()
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1),
@@ -202,10 +224,15 @@ class Daemon:
         ]
         self.uploader.start()
         sync = make_sync(s, store, self.plans, threadsafe(self._app_states), threadsafe(self.healthy),
-                         self.appstore)
+                         self.appstore, self.layout, self.request_restart, self.config_file)
         if sync is not None:
             self.sync_loop = SyncLoop(sync, s)
             self._tasks.append(asyncio.create_task(self.sync_loop.run(), name="appstore-sync"))
+            trial, boot = sync.upgrader.trial, os.environ.get(BOOT_ENV, "")
+            if self.layout is not None and trial is not None and boot:
+                self.confirmation = HealthConfirmation(self.layout, trial, boot, self._trial_problems,
+                                                       self._confirmed)
+                self._tasks.append(asyncio.create_task(self.confirmation.run(), name="upgrade-confirmation"))
         log.info("appliance %s up: device %s, broker %s %s:%s, HTTP %s://%s:%s, state in %s", __version__,
                  s.device_id, s.broker.mode, s.broker.host, s.broker.port, "https" if h.tls else "http", h.host,
                  sock.getsockname()[1], s.state_dir.resolve())
@@ -260,6 +287,42 @@ class Daemon:
         sock.listen(128)
         sock.setblocking(False)
         return sock
+
+    async def _trial_problems(self, trial: Trial) -> list[str]:
+        """What keeps this release, on trial, from confirming its health (empty: healthy)."""
+        problems = []
+        ok, reason = self.healthy()
+        if not ok:
+            problems.append(reason)
+        states = self._app_states()
+        problems += [f"app {name} is not serving" for name in trial.serving_apps
+                     if (a := states.get(name)) is None or a.state != "serving"]
+        console = await asyncio.to_thread(self._console_problem)
+        if console:
+            problems.append(console)
+        reached = self.sync_loop.sync.reached if self.sync_loop else None
+        if trial.appstore_reachable and (reached is None or reached < self.started):
+            problems.append("the AppStore, reachable before the upgrade, has not been reached since this start")
+        return problems
+
+    def _console_problem(self) -> str:
+        h = self.settings.http
+        try:
+            context = ssl._create_unverified_context() if h.tls else None  # our own certificate, on loopback
+            urllib.request.urlopen(f"{'https' if h.tls else 'http'}://127.0.0.1:{self._http_port}/healthz", timeout=5,
+                                   context=context).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (503 while unhealthy): the console is up
+        except (urllib.error.URLError, OSError) as e:
+            return f"the console does not answer ({e})"
+        return ""
+
+    def _confirmed(self) -> None:
+        if self.sync_loop is not None:
+            upgrader = self.sync_loop.sync.upgrader
+            upgrader.confirmed()
+            asyncio.get_running_loop().run_in_executor(None, upgrader.after_confirmation)
+            self.sync_loop.nudge()  # report "upgraded" now, not at the next timer
 
     def _app_states(self) -> dict[str, AppStatus]:
         return {a.name: a for a in (self.pipeline.app_status() if self.pipeline else [])}
@@ -362,13 +425,15 @@ class Daemon:
             sources=tuple(self.stats.sources()), unknown_sources=self.stats.unknown(),
             events=self.stats.event_counts(),
             appstore=self.sync_loop.sync.status() if self.sync_loop else SyncStatus(),
+            upgrade=(self.sync_loop.sync.upgrade_status() if self.sync_loop else
+                     UpgradeStatus(running=__version__, launcher=self.layout is not None)),
             samples=samples.status(uploader.status(), self._quota) if samples and uploader else None)
 
 
 async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None,
-                 before_stop: Callable[[], None] | None) -> None:
-    daemon = Daemon(settings)
-    stop = asyncio.Event()
+                 before_stop: Callable[[], None] | None, config_file: Path | None) -> int:
+    daemon = Daemon(settings, config_file)
+    stop = daemon.stopped
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -384,9 +449,11 @@ async def _serve(settings: Settings, ready: Callable[[Daemon], None] | None,
     if before_stop is not None:
         await loop.run_in_executor(None, before_stop)
     await daemon.stop()
+    return daemon.exit_code
 
 
 def run(settings: Settings, ready: Callable[[Daemon], None] | None = None,
-        before_stop: Callable[[], None] | None = None) -> None:
-    """Run the daemon until SIGINT or SIGTERM; ``ready`` is called once it serves, ``before_stop`` first thing on the way out."""
-    asyncio.run(_serve(settings, ready, before_stop))
+        before_stop: Callable[[], None] | None = None, config_file: Path | None = None) -> int:
+    """Run the daemon until SIGINT or SIGTERM (or a switch to another release); ``ready`` is called once it
+    serves, ``before_stop`` first thing on the way out. Returns the exit code (RESTART_EXIT for a switch)."""
+    return asyncio.run(_serve(settings, ready, before_stop, config_file))

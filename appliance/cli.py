@@ -70,8 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings.log_level)
-    run(settings)
-    return 0
+    path = args.config or os.environ.get("APPLIANCE_CONFIG")
+    return run(settings, config_file=Path(path).resolve() if path else None)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

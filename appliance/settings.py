@@ -192,6 +192,20 @@ class AppStoreSettings(_Section):
         return self
 
 
+_WINDOW = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class UpgradeSettings(_Section):
+    """The appliance's own upgrades (docs/upgrade.md): when they may happen and what is kept."""
+
+    # local time during which a new release may be switched to, e.g. "02:00-05:00" (may cross midnight);
+    # "" for any time. Downloading, installing and testing happen at any time; only the restart waits.
+    window: str = Field(default="", pattern=rf"({_WINDOW})|^$")
+    keep_releases: int = Field(default=2, ge=2)  # releases kept on disk: the current and the one to go back to
+    python: Path | None = None  # the interpreter new releases run on (default: the one this release runs on)
+    cache_dir: Path | None = None  # uv's cache: releases hard-link their files from it (default: ROOT/cache/uv)
+
+
 class SamplesSettings(_Section):
     """Hard samples (docs/samples.md): what the site keeps, and what may leave it."""
 
@@ -227,6 +241,7 @@ class Settings(_Section):
     outputs: OutputSettings = OutputSettings()
     appstore: AppStoreSettings = AppStoreSettings()
     samples: SamplesSettings = SamplesSettings()
+    upgrade: UpgradeSettings = UpgradeSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
 

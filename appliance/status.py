@@ -12,8 +12,8 @@ Each part is a frozen model that the component owning the state returns; the dae
 The JSON is ``model_dump(mode="json")`` of :class:`DaemonStatus`; the CLI reads it back with
 ``DaemonStatus.model_validate``. This module imports nothing of the daemon, so every component, the CLI and
 the HTTP layer can depend on it; the words a state may take (``WorkerState``, ``SyncState``...) are defined
-here once and imported by the components that set them. Self-upgrade and provisioning have no part yet: they
-get one when the daemon carries that state.
+here once and imported by the components that set them. Provisioning has no part yet: it gets one when the
+daemon carries that state.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from formats.channel import UpgradeStateName
+
 PartitionKind = Literal["cpu", "gpu", "mig", "slice"]
 WorkerState = Literal["starting", "ready", "restarting", "stopped"]
 ModelState = Literal["loading", "ready", "failed", "quarantined"]
@@ -29,12 +31,15 @@ AppState = Literal["serving", "degraded", "disabled", "not placed"]
 SourceKind = Literal["camera", "sensor"]
 SourceState = Literal["receiving", "silent", "rejecting"]
 SyncState = Literal["off", "starting", "syncing", "in sync", "offline", "refused"]
+# the appliance's own upgrade (docs/upgrade.md): the words of the device report, declared with it
+UpgradeState = UpgradeStateName
 
 __all__ = [
     "AppState", "AppStatus", "BrokerStatus", "CatalogApp", "DaemonStatus", "DetectionStatus", "Download", "Health",
     "LastReject", "LastResult", "ModelState", "ModelStatus", "PartitionKind", "PartitionStatus", "SampleCounts",
     "SampleQuota", "SamplesStatus", "SourceKind", "SourceState", "SourceStatus", "SyncState", "SyncStatus",
-    "UnknownSource", "UnknownSources", "UploaderStatus", "WorkerState", "WorkerStatus",
+    "UnknownSource", "UnknownSources", "UpgradeHistory", "UpgradeState", "UpgradeStatus", "UploaderStatus",
+    "WorkerState", "WorkerStatus",
 ]
 
 
@@ -190,6 +195,30 @@ class SyncStatus(_Part):
     downloads: tuple[Download, ...] = Field(default=(), description="downloads under way")
 
 
+class UpgradeHistory(_Part):
+    ts: float
+    from_version: str
+    to_version: str
+    outcome: str = Field(description="confirmed, rolled back, rollback (an admin's) or refused")
+    reason: str = ""
+
+
+class UpgradeStatus(_Part):
+    """The appliance's own release: what runs, what the channel asks for, and an upgrade under way."""
+
+    running: str
+    previous: str | None = Field(default=None, description="the release kept to go back to")
+    desired: str | None = Field(default=None, description="what the channel (or its rollout) asks for")
+    state: UpgradeState = "idle"
+    reason: str = ""
+    received: int = Field(default=0, description="bytes of the release downloaded so far")
+    total: int = Field(default=0, description="bytes of the release this box lacks")
+    launcher: bool = Field(default=False, description="started by appliance-launcher (upgrades need it)")
+    window: str = Field(default="", description="local time during which a switch may happen; empty: any time")
+    postponed_until: float | None = None
+    history: tuple[UpgradeHistory, ...] = ()
+
+
 class SampleCounts(_Part):
     queued: int = 0
     uploaded: int = 0
@@ -238,6 +267,7 @@ class DaemonStatus(_Part):
     unknown_sources: UnknownSources = UnknownSources(rejected={}, recent=())
     events: dict[str, int] = Field(default_factory=dict, description="app -> events since the daemon started")
     appstore: SyncStatus = SyncStatus()
+    upgrade: UpgradeStatus | None = Field(default=None, description="null until the daemon has started")
     samples: SamplesStatus | None = Field(default=None, description="null until the daemon has started")
 
     def app(self, name: str) -> AppStatus | None:

@@ -36,10 +36,12 @@ from appliance.auth.accounts import Actor
 from appliance.errors import ConfigError, InstallError
 from appliance.runtime.partitions import PartitionPlan
 from appliance.settings import Settings
-from appliance.status import AppStatus, CatalogApp, Download, SyncStatus
+from appliance.status import AppStatus, CatalogApp, Download, SyncStatus, UpgradeStatus
 from appliance.status import SyncState as SyncStateName
 from appliance.store import Store
 from appliance.tasks import in_daemon_thread
+from appliance.upgrade.agent import Upgrader
+from appliance_launcher.state import Layout
 from appstore_client.client import AppStore, Catalog
 from appstore_client.errors import CatalogError, FleetError
 from appstore_client.fetcher import ResumableFetcher
@@ -89,7 +91,8 @@ def desired_apps(channel: ChannelDoc, device_id: str, group: str, subscriptions:
 class Sync:
     def __init__(self, settings: Settings, store: Store, plans: list[PartitionPlan],
                  app_states: Callable[[], dict[str, AppStatus]], health: Callable[[], tuple[bool, str]],
-                 link: AppStoreLink) -> None:
+                 link: AppStoreLink, layout: Layout | None = None, restart: Callable[[], None] = lambda: None,
+                 config_file: Path | None = None) -> None:
         a = settings.appstore
         self._settings = settings
         self._store = store
@@ -104,6 +107,12 @@ class Sync:
         self._lock = threading.Lock()  # one pass at a time
         root = a.root.read_bytes() if a.root is not None else b""
         self._client = AppStore(a.url or "", root, self._dir, self.fetcher)
+        self.reached: float | None = None  # when a refresh last verified the AppStore's metadata
+        self.upgrader = Upgrader(settings, store, self._client, self.fetcher, layout, restart, app_states, config_file,
+                                 appstore_reached=lambda: self.reached is not None)
+
+    def upgrade_status(self) -> UpgradeStatus:
+        return self.upgrader.status()
 
     def status(self) -> SyncStatus:
         s = self.state
@@ -134,6 +143,7 @@ class Sync:
     def _pass(self) -> bool:
         a = self._settings.appstore
         catalog = self._client.refresh()
+        self.reached = time.time()
         channel = self._client.channel(a.channel)
         want, rollout = desired_apps(channel, self._settings.device_id, a.group, self._store.subscriptions.all(),
                                      catalog)
@@ -150,7 +160,11 @@ class Sync:
             if why:
                 refused[name] = why
         self.state.refused = refused
-        self.state.last_error = "; ".join(f"{k}: {v}" for k, v in refused.items())
+        self.upgrader.reconcile(channel)
+        errors = [f"{k}: {v}" for k, v in refused.items()]
+        if self.upgrader.state == "refused":
+            errors.append(f"appliance {self.upgrader.desired}: {self.upgrader.reason}")
+        self.state.last_error = "; ".join(errors)
         self.state.state = "refused" if refused else "in sync"
         self.state.last_sync = time.time()
         return not refused
@@ -235,7 +249,7 @@ class Sync:
         body = {"device": self._settings.device_id, "channel": a.channel, "group": a.group,
                 "rollout": self.state.rollout, "version": __version__, "apps": apps,
                 "health": {"ok": ok, "reason": reason}, "last_sync": self.state.last_sync,
-                "last_error": self.state.last_error}
+                "last_error": self.state.last_error, "upgrade": self.upgrader.report().model_dump()}
         if self.fleet is None:
             return  # no device token: the AppStore would refuse the report
         try:
@@ -246,14 +260,15 @@ class Sync:
 
 def make_sync(settings: Settings, store: Store, plans: list[PartitionPlan],
               app_states: Callable[[], dict[str, AppStatus]],
-              health: Callable[[], tuple[bool, str]], link: AppStoreLink | None) -> Sync | None:
+              health: Callable[[], tuple[bool, str]], link: AppStoreLink | None, layout: Layout | None = None,
+              restart: Callable[[], None] = lambda: None, config_file: Path | None = None) -> Sync | None:
     """The sync loop's worker, or None when no AppStore is set."""
     if link is None:
         return None
     root: Path | None = settings.appstore.root
     if root is None or not root.is_file():
         raise ConfigError(f"appstore.root {root} is not a file: give the trusted root.json from the AppStore")
-    return Sync(settings, store, plans, app_states, health, link)
+    return Sync(settings, store, plans, app_states, health, link, layout, restart, config_file)
 
 
 class SyncLoop:

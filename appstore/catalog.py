@@ -1,4 +1,4 @@
-"""Publishing models and apps: validate with ``formats``, keep versions immutable, sign.
+"""Publishing models, apps and appliance releases: validate with ``formats``, keep versions immutable, sign.
 
 A version once published never changes: publishing the same name and version again with the same bytes
 changes nothing, with different bytes it is refused. An app is refused until the model it names is
@@ -18,11 +18,12 @@ from appstore.repository import Repository, TargetsEditor
 from formats import AppManifest, FormatError, ModelCard
 from formats.graph import card_problems
 from formats.model_card import package_files
+from formats.release import ReleaseManifest, release_manifest_target
 
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    kind: str  # "model" or "app"
+    kind: str  # "model", "app" or "release"
     name: str
     version: str
     targets: tuple[str, ...]
@@ -101,3 +102,38 @@ def publish_app(repo: Repository, path: Path) -> Published:
             "kind": "app", "name": manifest.name, "version": manifest.version,
             "description": manifest.description, "model": model.key})])
     return Published("app", manifest.name, manifest.version, (target,), not added)
+
+
+def publish_release(repo: Repository, folder: Path) -> Published:
+    """Publish an appliance release built by ``make bundle``: a folder holding ``release.json`` and its wheels.
+
+    Every wheel is checked against the manifest before anything is signed; each becomes its own
+    content-addressed target, so a wheel already published by an earlier release costs nothing.
+    """
+    manifest_path = folder / "release.json"
+    if not manifest_path.is_file():
+        raise PublishError(f"{folder}: no release.json; give the folder `make bundle` wrote (dist/release-VERSION)")
+    try:
+        manifest = ReleaseManifest.load(manifest_path)
+    except FormatError as e:
+        raise PublishError(str(e)) from e
+    items: list[tuple[str, bytes, dict[str, Any]]] = []
+    for f in manifest.files:
+        wheel = folder / f.name
+        try:
+            data = wheel.read_bytes()
+        except OSError as e:
+            raise PublishError(f"{wheel}: cannot read ({e.strerror}); the release folder is incomplete, build it "
+                               "again with `make bundle`") from e
+        if len(data) != f.length or _sha256(data) != f.sha256:
+            raise PublishError(f"{wheel} does not match release.json (length {len(data)}, sha256 "
+                               f"{_sha256(data)[:12]}; the manifest says {f.length}, {f.sha256[:12]}); build the "
+                               "release again")
+        items.append((f.target, data, {"kind": "release-file", "name": f.name}))
+    target = release_manifest_target(manifest.version)
+    items.append((target, manifest_path.read_bytes(), {
+        "kind": "release", "name": "appliance", "version": manifest.version, "size": manifest.size,
+        "min_from": manifest.min_from, "python": manifest.python, "platform": manifest.platform}))
+    with repo.edit_targets() as edit:
+        added = _put_immutable(edit, items)
+    return Published("release", "appliance", manifest.version, tuple(i[0] for i in items), not added)

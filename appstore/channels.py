@@ -19,6 +19,7 @@ from appstore.fleet import Fleet
 from appstore.repository import Repository, TargetsEditor
 from formats.channel import ChannelDoc
 from formats.errors import describe_validation_error
+from formats.release import release_manifest_target
 
 
 def _current(edit: TargetsEditor, channel: str) -> ChannelDoc | None:
@@ -35,9 +36,10 @@ def _require(edit: TargetsEditor, channel: str) -> ChannelDoc:
     return doc
 
 
-def _check_published(edit: TargetsEditor, apps: Mapping[str, str]) -> None:
-    if not apps:
-        raise ChannelError("name at least one app with --app NAME=VERSION")
+def _check_published(edit: TargetsEditor, apps: Mapping[str, str], appliance: str | None = None) -> None:
+    if appliance is not None and edit.get(release_manifest_target(appliance)) is None:
+        raise ChannelError(f"appliance release {appliance} is not published; build it with `make bundle` and publish "
+                           "it with: appstore publish release <folder>")
     for name, version in apps.items():
         if edit.get(paths.app_manifest(name, version)) is None:
             raise ChannelError(f"app {name} {version} is not published; publish it first with: "
@@ -66,35 +68,54 @@ def read(repo: Repository, channel: str) -> ChannelDoc:
     return ChannelDoc.parse(raw, path)
 
 
-def set_apps(repo: Repository, fleet: Fleet, channel: str, apps: Mapping[str, str]) -> ChannelDoc:
-    """Make ``apps`` what every appliance on the channel runs (creating the channel if need be)."""
+def _wanted(old: ChannelDoc | None, channel: str, apps: Mapping[str, str] | None,
+            appliance: str | None) -> tuple[dict[str, str], str | None]:
+    """The apps and appliance release a change names; what it leaves out stays as the channel has it."""
+    if apps is None and appliance is None:
+        raise ChannelError("name the apps (--app NAME=VERSION) or the appliance release (--appliance VERSION)")
+    if apps is None and old is None:
+        raise ChannelError(f"no channel {channel!r} yet; create it with --app NAME=VERSION for each app it runs")
+    return (dict(apps) if apps is not None else dict(old.apps if old else {}),
+            appliance if appliance is not None else (old.appliance if old else None))
+
+
+def set_apps(repo: Repository, fleet: Fleet, channel: str, apps: Mapping[str, str] | None,
+             appliance: str | None = None, allow_downgrade: bool = False) -> ChannelDoc:
+    """Make ``apps`` (and the ``appliance`` release) what every appliance on the channel runs, creating the
+    channel if need be; what is not named stays as it is."""
     with repo.edit_targets() as edit:
-        _check_published(edit, apps)
         old = _current(edit, channel)
+        want, release = _wanted(old, channel, apps, appliance)
+        _check_published(edit, want, appliance)
         if old is not None and old.rollout is not None and not old.rollout.halted:
             raise ChannelError(f"channel {channel} has rollout {old.rollout.id} under way; promote it "
                                f"(appstore channel promote {channel}) or halt it (appstore channel halt {channel} "
                                "--reason ...) first")
-        doc = _publish(edit, _build(channel=channel, version=old.version + 1 if old else 1, apps=dict(apps)))
+        doc = _publish(edit, _build(channel=channel, version=old.version + 1 if old else 1, apps=want,
+                                    appliance=release, allow_downgrade=allow_downgrade))
     if old is not None and old.rollout is not None:
         fleet.end_rollout(channel, old.rollout.id, "replaced", time.time())
     return doc
 
 
-def start_rollout(repo: Repository, fleet: Fleet, channel: str, apps: Mapping[str, str], percent: int = 0,
-                  groups: Sequence[str] = (), max_unhealthy_share: float = 0.2, window_s: int = 600) -> ChannelDoc:
-    """Start a rollout of ``apps`` to ``percent`` of the channel and to ``groups``; its id is ``r{version}``."""
+def start_rollout(repo: Repository, fleet: Fleet, channel: str, apps: Mapping[str, str] | None, percent: int = 0,
+                  groups: Sequence[str] = (), max_unhealthy_share: float = 0.2, window_s: int = 600,
+                  appliance: str | None = None) -> ChannelDoc:
+    """Start a rollout of ``apps`` (and the ``appliance`` release) to ``percent`` of the channel and to
+    ``groups``; what it does not name stays as the channel has it. Its id is ``r{version}``."""
     if percent <= 0 and not groups:
         raise ChannelError("a rollout needs --percent above 0 or at least one --group")
     with repo.edit_targets() as edit:
-        _check_published(edit, apps)
         old = _require(edit, channel)
+        want, release = _wanted(old, channel, apps, appliance)
+        _check_published(edit, want, appliance)
         if old.rollout is not None and not old.rollout.halted:
             raise ChannelError(f"channel {channel} has rollout {old.rollout.id} under way; promote or halt it first")
         version = old.version + 1
-        rollout = {"id": f"r{version}", "apps": dict(apps), "percent": percent, "groups": list(groups),
-                   "max_unhealthy_share": max_unhealthy_share, "window_s": window_s}
-        doc = _publish(edit, _build(channel=channel, version=version, apps=dict(old.apps), rollout=rollout))
+        rollout = {"id": f"r{version}", "apps": want, "appliance": release, "percent": percent,
+                   "groups": list(groups), "max_unhealthy_share": max_unhealthy_share, "window_s": window_s}
+        doc = _publish(edit, _build(channel=channel, version=version, apps=dict(old.apps), appliance=old.appliance,
+                                    allow_downgrade=old.allow_downgrade, rollout=rollout))
     assert doc.rollout is not None
     fleet.start_rollout(channel, doc.rollout.id, time.time())
     return doc
@@ -111,7 +132,8 @@ def promote(repo: Repository, fleet: Fleet, channel: str) -> ChannelDoc:
             raise ChannelError(f"rollout {old.rollout.id} of {channel} is halted ({old.rollout.reason}); "
                                "start a new rollout or set the apps directly")
         rollout_id = old.rollout.id
-        doc = _publish(edit, _build(channel=channel, version=old.version + 1, apps=dict(old.rollout.apps)))
+        doc = _publish(edit, _build(channel=channel, version=old.version + 1, apps=dict(old.rollout.apps),
+                                    appliance=old.rollout.appliance, allow_downgrade=old.allow_downgrade))
     fleet.end_rollout(channel, rollout_id, "promoted", time.time())
     return doc
 

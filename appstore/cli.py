@@ -1,8 +1,8 @@
 """``appstore``: run the reference central AppStore. A thin adapter over the library.
 
     appstore --repo DIR keys init
-    appstore --repo DIR publish model FOLDER | publish app APP.json
-    appstore --repo DIR channel set CHANNEL --app NAME=VERSION ... [--percent P | --group G ...]
+    appstore --repo DIR publish model FOLDER | publish app APP.json | publish release FOLDER
+    appstore --repo DIR channel set CHANNEL [--app NAME=VERSION ...] [--appliance VERSION] [--percent P | --group G ...]
     appstore --repo DIR channel promote|halt|show CHANNEL
     appstore --repo DIR timestamp refresh
     appstore --repo DIR devices [add ID | remove ID]
@@ -88,8 +88,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     repo = _repo(args)
-    publish = catalog.publish_model if args.kind == "model" else catalog.publish_app
-    p = publish(repo, Path(args.path))
+    publish = {"model": catalog.publish_model, "app": catalog.publish_app, "release": catalog.publish_release}
+    p = publish[args.kind](repo, Path(args.path))
     if p.unchanged:
         print(f"{p.kind} {p.name} {p.version} is already published with these bytes; nothing changed")
     else:
@@ -103,21 +103,25 @@ def cmd_channel(args: argparse.Namespace) -> int:
     channel = _channel_name(args.channel)
     if args.action == "set":
         fleet = _fleet(repo)
-        apps = _apps(args.app)
+        apps = _apps(args.app) if args.app else None
+        appliance = _version(args.appliance, "--appliance") if args.appliance else None
         if args.percent is None and not args.group:
-            doc = channels.set_apps(repo, fleet, channel, apps)
-            print(f"channel {channel} version {doc.version} runs {_pairs(doc.apps)}")
+            doc = channels.set_apps(repo, fleet, channel, apps, appliance, args.allow_downgrade)
+            print(f"channel {channel} version {doc.version} runs {_runs(doc.apps, doc.appliance)}")
         else:
+            if args.allow_downgrade:
+                raise ChannelError("--allow-downgrade applies to the channel, not to a rollout: set it without "
+                                   "--percent/--group")
             doc = channels.start_rollout(repo, fleet, channel, apps, args.percent or 0, args.group or [],
-                                         args.max_unhealthy_share, args.window_s)
+                                         args.max_unhealthy_share, args.window_s, appliance)
             r = doc.rollout
             assert r is not None
-            print(f"channel {channel} version {doc.version}: rollout {r.id} of {_pairs(r.apps)} to "
+            print(f"channel {channel} version {doc.version}: rollout {r.id} of {_runs(r.apps, r.appliance)} to "
                   f"{r.percent}% of devices{' and groups ' + ', '.join(r.groups) if r.groups else ''}; halts by "
                   f"itself if more than {r.max_unhealthy_share:.0%} report unhealthy within {r.window_s} s")
     elif args.action == "promote":
         doc = channels.promote(repo, _fleet(repo), channel)
-        print(f"channel {channel} version {doc.version} runs {_pairs(doc.apps)} (rollout promoted)")
+        print(f"channel {channel} version {doc.version} runs {_runs(doc.apps, doc.appliance)} (rollout promoted)")
     elif args.action == "halt":
         halted = channels.halt(repo, channel, args.reason)
         assert halted is not None and halted.rollout is not None
@@ -130,6 +134,19 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 def _pairs(apps: dict[str, str]) -> str:
     return ", ".join(f"{n} {v}" for n, v in sorted(apps.items()))
+
+
+def _runs(apps: dict[str, str], appliance: str | None) -> str:
+    parts = [_pairs(apps)] if apps else []
+    if appliance:
+        parts.append(f"appliance {appliance}")
+    return ", ".join(parts) or "nothing"
+
+
+def _version(value: str, option: str) -> str:
+    if not re.match(VERSION_PATTERN, value):
+        raise ChannelError(f"{option} {value!r}: give a version such as 0.2.0")
+    return value
 
 
 def cmd_timestamp(args: argparse.Namespace) -> int:
@@ -169,18 +186,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if not view["devices"]:
         print("no devices yet; register one with: appstore devices add ID --channel CHANNEL")
     else:
-        print(f"{'device':<16} {'channel':<10} {'group':<10} {'versions':<28} {'health':<24} {'rollout':<10} last seen")
+        print(f"{'device':<16} {'channel':<10} {'group':<10} {'appliance':<22} {'versions':<28} {'health':<24} "
+              f"{'rollout':<10} last seen")
     for d in view["devices"]:
         health = "-" if d["health"] is None else "ok" if d["health"]["ok"] else f"UNHEALTHY {d['health']['reason']}"
         rollout = d["rollout"] or (f"({d['in_rollout']})" if d["in_rollout"] else "-")
-        print(f"{d['id']:<16} {d['channel'] or '-':<10} {d['group'] or '-':<10} {_pairs(d['versions']) or '-':<28} "
+        print(f"{d['id']:<16} {d['channel'] or '-':<10} {d['group'] or '-':<10} {_appliance(d):<22} "
+              f"{_pairs(d['versions']) or '-':<28} "
               f"{health:<24} {rollout:<10} {_ago(d['last_seen'])}")
     if view["rollouts"]:
         print("\nrollouts:")
     for r in view["rollouts"]:
         line = f"  {r['channel']:<10} {r['id']:<6} {r['state']:<22} started {_time(r['started'])}"
         if "apps" in r:
-            line += (f"  {_pairs(r['apps'])} to {r['percent']}%{' + ' + ','.join(r['groups']) if r['groups'] else ''}"
+            line += (f"  {_runs(r['apps'], r.get('appliance'))} to {r['percent']}%{' + ' + ','.join(r['groups']) if r['groups'] else ''}"
                      f"  devices {len(r['devices'])}, unhealthy {len(r['unhealthy'])}")
         else:
             line += f"  ended {_time(r['ended'])}"
@@ -188,6 +207,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
         if r.get("reason"):
             print(f"             {r['reason']}")
     return 0
+
+
+def _appliance(device: dict[str, object]) -> str:
+    """``0.1.0``, ``0.1.0 -> 0.2.0 installing`` or ``0.1.0 (0.2.0 refused)``: the version and the upgrade's state."""
+    version = str(device.get("version") or "-")
+    up = device.get("upgrade")
+    if not isinstance(up, dict) or not up.get("desired") or up.get("desired") == version:
+        return version
+    state = str(up.get("state", ""))
+    if state in ("refused", "rolled back"):
+        return f"{version} ({up['desired']} {state})"
+    return f"{version} -> {up['desired']} {state}"
 
 
 def cmd_admin_token(args: argparse.Namespace) -> int:
@@ -252,14 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pub.add_subparsers(dest="kind", required=True)
     psub.add_parser("model", help="a folder holding model.onnx and model.json").add_argument("path")
     psub.add_parser("app", help="an app.json whose model is published").add_argument("path")
+    psub.add_parser("release", help="an appliance release folder made by `make bundle` (release.json and its "
+                    "wheels)").add_argument("path")
     pub.set_defaults(func=cmd_publish)
 
     ch = sub.add_parser("channel", help="what a channel runs, and staged rollouts")
     csub = ch.add_subparsers(dest="action", required=True)
     cset = csub.add_parser("set", help="set the channel's apps, or with --percent/--group start a rollout")
     cset.add_argument("channel")
-    cset.add_argument("--app", action="append", required=True, metavar="NAME=VERSION",
-                      help="an app the channel runs; repeat for each (the full set)")
+    cset.add_argument("--app", action="append", metavar="NAME=VERSION",
+                      help="an app the channel runs; repeat for each (the full set; default: the apps as they are)")
+    cset.add_argument("--appliance", metavar="VERSION", help="the appliance release the channel runs (published "
+                      "with `appstore publish release`)")
+    cset.add_argument("--allow-downgrade", action="store_true",
+                      help="let devices on a newer release go back to --appliance (refused otherwise)")
     cset.add_argument("--percent", type=int, help="roll out to this share of the channel's devices (0-100)")
     cset.add_argument("--group", action="append", help="roll out to devices of this group; repeatable")
     cset.add_argument("--max-unhealthy-share", type=float, default=0.2,

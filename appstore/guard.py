@@ -4,7 +4,8 @@ Within ``window_s`` after a rollout started, if more than ``max_unhealthy_share`
 report running the rollout's versions report unhealthy, the rollout is halted and the channel re-signed
 with the reason. A device runs the rollout's versions when its report names the rollout or shows an app
 at a version the rollout changes; it is unhealthy when ``health.ok`` is false or an app of the rollout,
-reported at the rollout's version, is not ``serving``. Only reports received since the start count.
+reported at the rollout's version, is not ``serving``, or the appliance release the rollout names was
+refused or rolled back on it. Only reports received since the start count.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class Verdict:
 def runs_rollout(doc: ChannelDoc, rollout: Rollout, report: DeviceReport) -> bool:
     if report.rollout == rollout.id:
         return True
+    release = rollout.appliance
+    if release is not None and release != doc.appliance and (
+            report.version == release or (report.upgrade is not None and report.upgrade.desired == release)):
+        return True
     changed = {name: v for name, v in rollout.apps.items() if doc.apps.get(name) != v}
     return any((a := report.apps.get(name)) is not None and a.version == v for name, v in changed.items())
 
@@ -42,6 +47,10 @@ def runs_rollout(doc: ChannelDoc, rollout: Rollout, report: DeviceReport) -> boo
 def unhealthy_because(rollout: Rollout, report: DeviceReport) -> str | None:
     if not report.health.ok:
         return f"health: {report.health.reason or 'not ok'}"
+    up = report.upgrade
+    if rollout.appliance is not None and up is not None and up.desired == rollout.appliance and up.state in (
+            "refused", "rolled back"):
+        return f"appliance {rollout.appliance} {up.state}: {up.reason or 'no reason given'}"
     for name, version in rollout.apps.items():
         app = report.apps.get(name)
         if app is not None and app.version == version and app.state != "serving":

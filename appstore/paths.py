@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from formats.release import release_file_target, release_manifest_target
+
+__all__ = ["app_manifest", "channel", "model_card", "model_file", "release_file_target", "release_manifest_target"]
+
 
 def model_file(name: str, version: str) -> str:
     return f"models/{name}/{version}/model.onnx"

@@ -43,6 +43,8 @@ def fleet_view(repo: Repository, fleet: Fleet, now: float | None = None) -> dict
             "health": report.health.model_dump() if report else None,
             "last_seen": d.last_seen, "last_sync": report.last_sync if report else None,
             "last_error": report.last_error if report else "", "version": report.version if report else "",
+            "upgrade": report.upgrade.model_dump() if report and report.upgrade else None,
+            "appliance_desired": doc.appliance_for(d.id, group) if doc else None,
             "rollout": (report.rollout or "") if report else "",  # what the device says it follows
             "in_rollout": expected,  # the channel's rollout this device belongs to, by group or bucket
         })
@@ -56,7 +58,8 @@ def fleet_view(repo: Repository, fleet: Fleet, now: float | None = None) -> dict
             verdict = guard.evaluate(doc, r.started, guard.channel_reports(fleet, r.channel), now)
             state = "halted" if current.halted else "running" if verdict.open else "running (window over)"
             entry.update({
-                "state": state, "reason": current.reason, "apps": dict(current.apps), "percent": current.percent,
+                "state": state, "reason": current.reason, "apps": dict(current.apps), "appliance": current.appliance,
+                "percent": current.percent,
                 "groups": list(current.groups), "max_unhealthy_share": current.max_unhealthy_share,
                 "window_s": current.window_s, "devices": list(verdict.devices),
                 "unhealthy": [{"device": dev, "why": why} for dev, why in verdict.unhealthy]})

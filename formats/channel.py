@@ -25,6 +25,7 @@ class Rollout(_Strict):
 
     id: str = Field(pattern=ROLLOUT_ID_PATTERN)
     apps: dict[AppName, Version]
+    appliance: Version | None = None  # the appliance release the rollout's devices take (None: the channel's)
     percent: int = Field(default=0, ge=0, le=100)  # share of the channel's devices, by a stable hash
     groups: list[AppName] = Field(default_factory=list)  # device groups that are in regardless of percent
     halted: bool = False
@@ -40,6 +41,8 @@ class ChannelDoc(_Strict):
     channel: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1)
     apps: dict[AppName, Version]
+    appliance: Version | None = None  # the appliance release every device runs (None: leave each as it is)
+    allow_downgrade: bool = False  # an appliance newer than ``appliance`` goes back to it only when this is set
     rollout: Rollout | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -49,6 +52,13 @@ class ChannelDoc(_Strict):
         if self.rollout is not None and not self.rollout.halted and in_rollout(self.rollout, device_id, group):
             return dict(self.rollout.apps)
         return dict(self.apps)
+
+    def appliance_for(self, device_id: str, group: str) -> str | None:
+        """The appliance release the device ``device_id`` in ``group`` should run (None: no opinion)."""
+        r = self.rollout
+        if r is not None and r.appliance is not None and not r.halted and in_rollout(r, device_id, group):
+            return r.appliance
+        return self.appliance
 
     @classmethod
     def parse(cls, raw: bytes, where: str) -> ChannelDoc:
@@ -84,6 +94,21 @@ class Health(_Lenient):
     reason: str = ""
 
 
+UpgradeStateName = Literal["idle", "waiting", "postponed", "downloading", "installing", "testing", "switching",
+                           "confirming", "upgraded", "refused", "rolled back"]
+
+
+class UpgradeReport(_Lenient):
+    """The appliance's own upgrade, in a device report: ``refused`` with the reason makes the AppStore's guard
+    count the device as unhealthy for a rollout of that version, like an app refused."""
+
+    running: str  # the version serving now
+    desired: str | None = None  # what the channel (or its rollout) asks for
+    state: str = "idle"  # an UpgradeStateName; a newer appliance may send one this AppStore does not know
+    reason: str = ""
+    previous: str | None = None  # the release kept to roll back to
+
+
 class DeviceReport(_Lenient):
     """The body of ``POST /v1/devices/{id}/status``."""
 
@@ -96,3 +121,4 @@ class DeviceReport(_Lenient):
     last_sync: float | None = None  # epoch seconds
     last_error: str = ""
     version: str = ""  # the appliance's own version
+    upgrade: UpgradeReport | None = None

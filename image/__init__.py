@@ -1,0 +1,1 @@
+"""The appliance OS image and the release bundle builder (docs/upgrade.md)."""

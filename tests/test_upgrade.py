@@ -1,0 +1,233 @@
+"""The appliance upgrades itself: real releases of this tree, a real AppStore, the real launcher and daemon.
+
+Each test has its own channel on one AppStore (built once for the module: publishing a release copies
+its wheels) and its own box. The broker is a real Mosquitto that stays up while the daemon restarts,
+as a site's does. What is asserted is what a site and a fleet engineer see: which release answers, what
+the AppStore's fleet view says, what the database still holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.demo.scene import render_frame
+from tests.conftest import Mosquitto, Publisher, Subscriber, wait_until
+from tests.test_appstore import ok
+from tests.upgrade_fleet import BASE, GOOD, Box, Shop, build_releases, make_box, make_shop, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Shop]:
+    folder = tmp_path_factory.mktemp("upgrade")
+    made = make_shop(folder, models, build_releases(folder / "releases"))
+    yield made
+    made.server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv cache for every box of the module: each release environment hard-links from it."""
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+_channels = iter(range(1000))
+
+
+@pytest.fixture
+def channel(shop: Shop) -> str:
+    name = f"ch{next(_channels)}"
+    ok(shop.repo, "channel", "set", name, "--app", "ppe-watch=1.0.0", "--appliance", BASE)
+    return name
+
+
+@pytest.fixture
+def box(tmp_path: Path, shop: Shop, channel: str, mosquitto: Mosquitto, uv_cache: Path,
+        request: pytest.FixtureRequest) -> Iterator[Box]:
+    options: dict[str, Any] = getattr(request, "param", {})
+    made = make_box(tmp_path, shop, channel, mosquitto.port, uv_cache, **options)
+    made.start()
+    try:
+        made.wait_running(BASE)
+        wait_for(lambda: any(a["state"] == "serving" for a in (made.status() or {}).get("apps", [])),
+                 "ppe-watch serving on the base release")
+        yield made
+    finally:
+        made.stop()
+
+
+def nudge(box: Box) -> None:
+    pub = Publisher(box.mqtt_port)
+    try:
+        pub.publish(f"appliance/{box.device}/commands", b'{"cmd": "sync"}')
+    finally:
+        pub.close()
+
+
+def audit(box: Box) -> list[str]:
+    with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
+        return [r[0] for r in db.execute("SELECT action FROM audit_log ORDER BY id")]
+
+
+def test_a_good_release_is_installed_beside_the_old_switched_to_confirmed_and_reported(
+        shop: Shop, channel: str, box: Box) -> None:
+    results = Subscriber(box.mqtt_port, f"appliance/{box.device}/results")
+    pub = Publisher(box.mqtt_port)
+    frame = render_frame(0.0, 0)
+    answered: list[float] = []
+    try:
+        ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
+        nudge(box)
+
+        def upgraded() -> bool:
+            pub.publish("cameras/cam1/frame", frame)
+            while not results.messages.empty():
+                results.messages.get()
+                answered.append(time.monotonic())
+            s = box.running(GOOD)
+            return bool(s and s["upgrade"]["state"] == "upgraded")
+
+        wait_for(upgraded, f"{GOOD} upgraded", timeout=240)
+        before = len(answered)
+        wait_for(lambda: (pub.publish("cameras/cam1/frame", frame), not results.messages.empty())[1],
+                 "a frame answered by the new release")
+    finally:
+        pub.close()
+        results.close()
+    assert before > 0, "frames were answered before the switch"
+    gaps = [b - a for a, b in itertools.pairwise(answered)]
+    print(f"\nlongest gap between answered frames during the upgrade: {max(gaps):.1f} s")
+
+    layout = box.layout
+    assert layout.target(layout.current) == GOOD and layout.target(layout.previous) == BASE
+    assert layout.installed(GOOD) and layout.installed(BASE), "both releases side by side"
+    assert [h["outcome"] for h in box.history()] == ["confirmed"]
+    up = box.upgrade()
+    assert up["running"] == GOOD and up["previous"] == BASE and up["desired"] == GOOD and up["launcher"]
+    with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
+        [(detail,)] = db.execute("SELECT detail FROM audit_log WHERE action = 'upgrade.download'")
+    download = json.loads(detail)
+    assert download["files"] == 1 and 0 < download["bytes"] < 5_000_000, \
+        f"only the appliance's own wheel is downloaded, not {download}"
+    print(f"downloaded for the upgrade: {download['bytes']} bytes in {download['files']} file(s)")
+    device = wait_for(lambda: (d := shop.device(box.device)) and d["version"] == GOOD and d["upgrade"]
+                      and d["upgrade"]["state"] == "upgraded" and d, "the fleet view showing the upgrade")
+    assert device["upgrade"]["previous"] == BASE
+    actions = audit(box)
+    for step in ("upgrade.download", "upgrade.install", "upgrade.switch", "upgrade.confirmed"):
+        assert step in actions, f"{step} is audited"
+
+    # and back down is refused unless the channel says so
+    ok(shop.repo, "channel", "set", channel, "--appliance", BASE)
+    nudge(box)
+    up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "the downgrade refused")
+    assert "downgrade" in up["reason"] and "--allow-downgrade" in up["reason"]
+    assert box.layout.target(box.layout.current) == GOOD
+
+
+def _rolled_back(box: Box, version: str) -> dict[str, Any]:
+    up: dict[str, Any] = wait_for(lambda: (s := box.running(BASE)) and s["upgrade"]["state"] == "rolled back"
+                                  and s["upgrade"], f"{version} rolled back to {BASE}", timeout=240)
+    assert up["desired"] == version and up["running"] == BASE
+    assert box.layout.target(box.layout.current) == BASE
+    return up
+
+
+def test_a_release_that_crashes_at_start_is_taken_back_and_halts_the_canary_rollout(
+        shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "devices", "add", f"{box.device}-peer", "--channel", channel)  # a box outside the rollout
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.1", "--percent", "100")
+    nudge(box)
+    up = _rolled_back(box, "0.2.1")
+    assert "did not confirm its health in 3 starts" in up["reason"] and "exited with code" in up["reason"]
+    doc = json.loads(ok(shop.repo, "channel", "show", channel))
+    halted = wait_for(lambda: (d := json.loads(ok(shop.repo, "channel", "show", channel)))["rollout"]["halted"] and d,
+                      "the rollout halted by the canary's report")
+    assert "appliance 0.2.1 rolled back" in halted["rollout"]["reason"]
+    assert halted["appliance"] == BASE, "the rest of the channel stays on the old release"
+    del doc
+    nudge(box)  # the halted rollout sends the box back to the channel's release: nothing to do
+    wait_for(lambda: box.upgrade()["desired"] == BASE, "the box following the channel again")
+    assert box.layout.target(box.layout.current) == BASE
+
+
+@pytest.mark.parametrize("box", [{"confirm_within_s": 25.0}], indirect=True)
+def test_a_release_that_never_becomes_healthy_is_taken_back_with_what_it_recorded(
+        shop: Shop, channel: str, box: Box) -> None:
+    pub = Publisher(box.mqtt_port)
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.2")
+    nudge(box)
+    try:
+        # the failed release serves frames while it is on trial: its events must survive the rollback
+        wait_for(lambda: (s := box.status()) and s["version"] == "0.2.2", "0.2.2 started")
+        wait_for(lambda: (pub.publish("cameras/cam1/frame", render_frame(0.0, 0)),
+                          (s := box.status()) and s["version"] == "0.2.2" and sum(s["events"].values()) > 0)[1],
+                 "an event recorded by 0.2.2")
+    finally:
+        pub.close()
+    with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
+        events = {r[0] for r in db.execute("SELECT id FROM events")}
+    assert events
+    up = _rolled_back(box, "0.2.2")
+    assert "within 25 s" in up["reason"]
+    with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
+        kept = {r[0] for r in db.execute("SELECT id FROM events")}
+        schema = db.execute("PRAGMA user_version").fetchone()[0]
+    assert events <= kept, "events written by the failed release are carried into the restored database"
+    assert "upgrade.switch" in audit(box) and "upgrade.rolled_back" in audit(box)
+    del schema
+
+
+def test_a_release_whose_migration_fails_is_refused_before_the_switch(shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.3")
+    nudge(box)
+    up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "0.2.3 refused")
+    assert "self-test of 0.2.3 failed" in up["reason"] and "migration" in up["reason"]
+    assert box.history() == [], "the launcher never switched"
+    assert not box.layout.installed("0.2.3")
+    report = wait_for(lambda: (d := shop.device(box.device)) and d["upgrade"] and d["upgrade"]["state"] == "refused"
+                      and d, "the refusal reported")
+    assert report["version"] == BASE
+
+
+@pytest.mark.parametrize("box", [{"confirm_within_s": 30.0}], indirect=True)
+def test_a_release_that_cannot_reach_the_appstore_is_taken_back(shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.4")
+    nudge(box)
+    up = _rolled_back(box, "0.2.4")
+    assert "within 30 s" in up["reason"]
+
+
+def test_a_tampered_wheel_is_refused_before_anything_is_installed(shop: Shop, channel: str, box: Box) -> None:
+    manifest = json.loads((shop.releases["0.2.5"] / "release.json").read_text())
+    own = next(f for f in manifest["files"] if f["name"].startswith("edge_appliance-"))
+    served = shop.target_file(f"appliance/files/{own['sha256']}/{own['name']}")
+    data = bytearray(served.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    served.write_bytes(bytes(data))
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.5")
+    nudge(box)
+    up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "0.2.5 refused")
+    assert "do not match their signed length or hashes" in up["reason"]
+    assert not (box.layout.releases / "0.2.5").exists()
+    assert box.layout.target(box.layout.current) == BASE
+
+
+def test_a_killed_launcher_mid_trial_comes_back_on_a_working_release(shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
+    nudge(box)
+    wait_for(lambda: (s := box.status()) and s["version"] == GOOD, f"{GOOD} started")
+    box.kill_launcher()  # the daemon dies with it (as systemd would kill the unit)
+    box.start()
+    wait_until(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded", 180, interval=0.2,
+               what="the box upgraded after the launcher was killed")
+    assert box.layout.target(box.layout.previous) == BASE
