@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck messages clean system-packages-demo system-packages-test system-packages-bench
+.PHONY: demo test bench bundle lint typecheck messages clean system-packages-demo system-packages-test system-packages-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ test: system-packages-test $(STAMP)
 bench: system-packages-bench $(STAMP)
 	$(BIN)/python -m bench.run --out docs --profile
 
+# An appliance release of this tree for `appstore publish release` (dist/release-VERSION/; docs/upgrade.md)
+bundle: $(STAMP)
+	$(BIN)/python -m image.bundle --out dist
+
 lint: $(STAMP)
-	$(BIN)/ruff check appliance appstore appstore_client common formats tests bench
+	$(BIN)/ruff check appliance appliance_launcher appstore appstore_client common formats image tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -227,6 +227,7 @@ class Daemon:
                          self.appstore, self.layout, self.request_restart, self.config_file)
         if sync is not None:
             self.sync_loop = SyncLoop(sync, s)
+            console.upgrades = sync.upgrader
             self._tasks.append(asyncio.create_task(self.sync_loop.run(), name="appstore-sync"))
             trial, boot = sync.upgrader.trial, os.environ.get(BOOT_ENV, "")
             if self.layout is not None and trial is not None and boot:

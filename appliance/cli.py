@@ -44,17 +44,24 @@ def _tls_context(cert: Path) -> ssl.SSLContext:
     return context
 
 
-def _fetch_status(settings: Settings) -> dict[str, Any]:
-    """What ``/api/status`` answers, as JSON (see :class:`appliance.status.DaemonStatus`)."""
+def _daemon_url(settings: Settings, path: str) -> str:
     h = settings.http
     host = "127.0.0.1" if h.host in ("0.0.0.0", "") else "::1" if h.host == "::" else h.host
     host = f"[{host}]" if ":" in host else host
-    url = f"{'https' if h.tls else 'http'}://{host}:{h.port}/api/status"
+    return f"{'https' if h.tls else 'http'}://{host}:{h.port}{path}"
+
+
+def _fetch_status(settings: Settings, request: urllib.request.Request | None = None) -> dict[str, Any]:
+    """What ``/api/status`` answers (or ``request``, to another loopback route), as JSON."""
+    h = settings.http
+    url = _daemon_url(settings, "/api/status")
     context = _tls_context(h.tls_cert) if h.tls_cert else None
     try:
-        with urllib.request.urlopen(url, timeout=5, context=context) as r:
+        with urllib.request.urlopen(request or url, timeout=5, context=context) as r:
             result: dict[str, Any] = json.load(r)
             return result
+    except urllib.error.HTTPError:
+        raise  # it answered: the caller reads the error
     except (urllib.error.URLError, OSError) as e:
         raise DaemonUnreachable(f"the daemon is not answering at {url} ({getattr(e, 'reason', e)}); "
                                 "start it with `appliance run` (or check http.host/http.port)") from e
@@ -170,6 +177,38 @@ def cmd_events(args: argparse.Namespace) -> int:
     for e in events:
         snap = str(settings.state_dir / e.snapshot) if e.snapshot else "-"
         print(f"{_time(e.ts)}  {e.app:<16} {e.source:<10} {e.rule:<16} {e.label:<10} {e.score:5.2f}  {snap}")
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from appliance.status import DaemonStatus
+
+    settings = _settings(args)
+    if args.action != "status":
+        url = _daemon_url(settings, f"/api/upgrade/{args.action}?hours={args.hours}")
+        request = urllib.request.Request(url, method="POST", headers={"X-Appliance-CLI": "1"})
+        try:
+            print(_fetch_status(settings, request)["done"])
+        except urllib.error.HTTPError as e:
+            raise ApplianceError(json.loads(e.read() or b"{}").get("error") or f"HTTP {e.code}") from e
+        return 0
+    st = DaemonStatus.model_validate(_fetch_status(settings))
+    up = st.upgrade
+    if up is None:
+        print(f"version {st.version}; the daemon has not started its upgrades yet")
+        return 0
+    print(f"running {up.running}  previous {up.previous or '-'}  desired {up.desired or '-'}  state {up.state}"
+          f"{'' if up.launcher else '  (not under appliance-launcher: upgrades are off)'}")
+    if up.reason:
+        print(f"  {up.reason}")
+    if up.total:
+        print(f"  downloaded {up.received} of {up.total} bytes")
+    if up.window:
+        print(f"  switches only between {up.window} (local time)")
+    if up.postponed_until:
+        print(f"  postponed until {_time(up.postponed_until)}")
+    for h in up.history[:10]:
+        print(f"  {_time(h.ts)}  {h.from_version} -> {h.to_version}  {h.outcome}  {h.reason}")
     return 0
 
 
@@ -301,7 +340,8 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from appliance.demo.run import run_demo
 
-    return run_demo(_settings(args))
+    path = args.config or os.environ.get("APPLIANCE_CONFIG")
+    return run_demo(_settings(args), Path(path) if path else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     urm = usub.add_parser("remove", help="remove a user with their sessions and API tokens")
     urm.add_argument("name")
     users.set_defaults(func=cmd_users)
+
+    up = sub.add_parser("upgrade", help="the appliance's own release: status, check now, apply, postpone, roll back")
+    up.add_argument("action", nargs="?", default="status", choices=["status", "check", "apply", "postpone", "rollback"])
+    up.add_argument("--hours", type=float, default=24.0, help="postpone: no switch for this many hours (default 24)")
+    up.set_defaults(func=cmd_upgrade)
 
     demo = sub.add_parser("demo", help="run the daemon with demo models, simulated cameras and a gas sensor")
     demo.set_defaults(func=cmd_demo)

@@ -147,7 +147,9 @@ class Launcher:
                     return self._child.wait(POLL_S), False
                 except subprocess.TimeoutExpired:
                     pass
-                if trial is None or self._stopping:
+                if self._stopping:  # asked to stop while this release was starting
+                    return self._end_child(), False
+                if trial is None:
                     continue
                 c = self.layout.confirmation()
                 if c is not None and c.version == version and c.boot == boot:

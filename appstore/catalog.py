@@ -118,7 +118,10 @@ def publish_release(repo: Repository, folder: Path) -> Published:
     except FormatError as e:
         raise PublishError(str(e)) from e
     items: list[tuple[str, bytes, dict[str, Any]]] = []
+    published = repo.targets().signed.targets
     for f in manifest.files:
+        if f.target in published:
+            continue  # the path holds the sha256: those exact bytes are published (by an earlier release)
         wheel = folder / f.name
         try:
             data = wheel.read_bytes()

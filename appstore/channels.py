@@ -92,7 +92,7 @@ def set_apps(repo: Repository, fleet: Fleet, channel: str, apps: Mapping[str, st
                                f"(appstore channel promote {channel}) or halt it (appstore channel halt {channel} "
                                "--reason ...) first")
         doc = _publish(edit, _build(channel=channel, version=old.version + 1 if old else 1, apps=want,
-                                    appliance=release, allow_downgrade=allow_downgrade))
+                                    appliance=release, allow_downgrade=allow_downgrade or None))
     if old is not None and old.rollout is not None:
         fleet.end_rollout(channel, old.rollout.id, "replaced", time.time())
     return doc

@@ -617,7 +617,7 @@ def _designs(r: dict[str, Any]) -> list[str]:
            "the model (both sessions where there are two)."), "",
           ("| worker layout | settings | " + " | ".join(f"{n} streams: fps (x limit(k))" for n in streams)
            + " | memory (MB) |"), "| --- | --- | " + " | ".join("---:" for _ in streams) + " | ---: |"]
-    for key, x in d.items():
+    for x in d.values():
         cells = " | ".join(f"{row['fps']:.1f} ({_f(row['x_limit'], 2)})" for row in x["rows"])
         settings = x["settings"].replace("[runtime]\n", "").replace("\n", ", ") or "–"
         L.append(f"| {x['label']} | `{settings}` | {cells} | {_f(x.get('memory_mb'))} |")

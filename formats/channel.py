@@ -42,7 +42,8 @@ class ChannelDoc(_Strict):
     version: int = Field(ge=1)
     apps: dict[AppName, Version]
     appliance: Version | None = None  # the appliance release every device runs (None: leave each as it is)
-    allow_downgrade: bool = False  # an appliance newer than ``appliance`` goes back to it only when this is set
+    # an appliance newer than ``appliance`` goes back to it only when this is true (None, left out: false)
+    allow_downgrade: bool | None = None
     rollout: Rollout | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from formats.release import APPLIANCE_DISTRIBUTION, ReleaseManifest, file_entry
+from formats.release import APPLIANCE_DISTRIBUTION, ReleaseFile, ReleaseManifest, file_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
@@ -126,6 +126,17 @@ def appliance_wheel(tree: Path, dest: Path) -> Path:
     return wheel
 
 
+_ENTRIES: dict[tuple[str, int, int], ReleaseFile] = {}  # wheelhouse files hashed in this process
+
+
+def _entry(wheel: Path) -> ReleaseFile:
+    st = wheel.stat()
+    key = (str(wheel), st.st_size, st.st_mtime_ns)
+    if key not in _ENTRIES:
+        _ENTRIES[key] = file_entry(wheel)
+    return _ENTRIES[key]
+
+
 def _link_or_copy(source: Path, dest: Path) -> None:
     try:
         os.link(source, dest)
@@ -157,7 +168,7 @@ def build(out: Path, source: Path = ROOT, version: str | None = None, min_from: 
         wheels = [own, *dependency_wheels(tree / "pyproject.toml", house)]
         for w in wheels[1:]:
             _link_or_copy(w, folder / w.name)  # the wheelhouse's files are never changed in place
-        files = tuple(file_entry(folder / w.name) for w in wheels)
+        files = tuple(_entry(w) for w in wheels)
         manifest = ReleaseManifest(version=found, python=f"{sys.version_info.major}.{sys.version_info.minor}",
                                    platform=sysconfig.get_platform(), min_from=min_from,
                                    db_schema=_schema_version(tree), files=files, created=time.time())

@@ -150,7 +150,7 @@ def test_a_release_that_keeps_crashing_gets_three_starts_then_the_old_one_and_it
 
 
 def test_a_release_that_hangs_is_stopped_at_the_deadline_and_taken_back(tmp_path: Path) -> None:
-    launcher = Launcher(tmp_path / "box", confirm_within=3.0)
+    launcher = Launcher(tmp_path / "box", confirm_within=5.0)
     launcher.root.mkdir()
     make_release(launcher.root, "1.0.0", "switch 2.0.0")
     make_release(launcher.root, "2.0.0", "hang")
@@ -158,9 +158,9 @@ def test_a_release_that_hangs_is_stopped_at_the_deadline_and_taken_back(tmp_path
     launcher.start()
     try:
         wait_until(lambda: launcher.history() == ["rolled back"], 30, what="2.0.0 taken back at its deadline")
-        assert launcher.starts()[:2] == ["1.0.0", "2.0.0"] and launcher.current() == "1.0.0"
+        assert launcher.current() == "1.0.0"
         state = json.loads((launcher.root / "launcher.json").read_text())
-        assert "within 3 s" in state["history"][0]["reason"]
+        assert "within 5 s" in state["history"][0]["reason"] and state["trial"] is None
     finally:
         launcher.stop()
 

@@ -38,6 +38,7 @@ from appliance.http.security import (
     set_session_cookie,
 )
 from appliance.store import HANDLING_ACTIONS, ROLES, HandlingAction, NotFound, Role
+from appliance.upgrade import control
 
 router = APIRouter(include_in_schema=False)
 
@@ -127,6 +128,16 @@ def app_action(name: str, what: str, who: PageAdmin, request: Request) -> Respon
     else:
         raise NotFound(f"no such app action {what!r}: enable, disable or rollback")
     return back("/apps", f"app_{what}")
+
+
+@router.post("/system/upgrade/{what}")
+def upgrade_action(what: str, who: PageAdmin, request: Request) -> Response:
+    """Postpone the switch to a new release by a day, apply it now, or go back to the previous release."""
+    if what not in ("postpone", "apply", "rollback"):
+        raise NotFound(f"no such upgrade action {what!r}: postpone, apply or rollback")
+    ctx = console(request)
+    control.act(ctx.upgrades, ctx.sync_now, what, who.actor(client_address(request)))  # type: ignore[arg-type]
+    return back("/system", f"upgrade_{what}")
 
 
 @router.post("/store/{name}/{what}")

@@ -24,6 +24,11 @@ LABELS: dict[str, str] = {
     # AppStore link
     "off": N_("Not set up"), "syncing": N_("Syncing"), "in sync": N_("Up to date"), "offline": N_("Unreachable"),
     "refused": N_("Update refused"),
+    # the appliance's own upgrades
+    "waiting": N_("Waiting"), "postponed": N_("Postponed"), "downloading": N_("Downloading"),
+    "installing": N_("Installing"), "testing": N_("Testing"), "switching": N_("Switching"),
+    "confirming": N_("Checking the new software"), "upgraded": N_("Up to date"), "rolled back": N_("Rolled back"),
+    "confirmed": N_("Confirmed"), "rollback": N_("Rolled back by an admin"),
     # roles
     "admin": N_("admin"), "operator": N_("operator"), "viewer": N_("viewer"),
     # sources

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from appliance import packages
-from appliance.app import Daemon, run
+from appliance import __version__, packages
 from appliance.auth import Accounts, Actor
 from appliance.demo import store as demo_store
 from appliance.demo.modelgen import build_anomaly, build_detector
@@ -21,6 +28,8 @@ from appliance.ingest.client import MqttClient, ReceiveMessage
 from appliance.logs import setup_logging
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.upgrade.install import register_environment
+from appliance_launcher.state import Layout
 
 log = logging.getLogger("appliance.demo")
 
@@ -79,16 +88,37 @@ def demo_login(settings: Settings) -> str:
     return "with a user made by `appliance users add NAME --role admin`"
 
 
-def run_demo(settings: Settings) -> int:
+def _environ(settings: Settings, url: str, token: str) -> dict[str, str]:
+    """The daemon's environment: the demo's AppStore link, and hard samples sent to its inbox (a new real
+    site keeps them on site: samples.upload = "off")."""
+    return {**os.environ, **demo_store.link_environ(settings, url, token), "APPLIANCE_SAMPLES__UPLOAD": '"full"',
+            "APPLIANCE_SAMPLES__SITE": '"demo"', "APPLIANCE_SAMPLES__UPLOAD_INTERVAL_S": "5.0"}
+
+
+def _answers(settings: Settings) -> bool:
+    h = settings.http
+    try:
+        context = ssl._create_unverified_context() if h.tls else None  # the daemon's own certificate
+        urllib.request.urlopen(f"{'https' if h.tls else 'http'}://127.0.0.1:{h.port}/healthz", timeout=2,
+                               context=context).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def run_demo(settings: Settings, config: Path | None = None) -> int:
+    """The demo: the daemon runs from this checkout's environment under ``appliance-launcher`` (so that
+    ``python -m appliance.demo.publish --release`` can show it upgrading itself), beside the demo AppStore,
+    the simulators and an event printer in this process."""
     setup_logging(settings.log_level)
     install_demo(settings)
     login = demo_login(settings)
     repo, token = demo_store.prepare(settings, [DETECTOR_APP, GAS_APP])
     appstore, store_url = demo_store.serve(repo)
-    settings = demo_store.link(settings, store_url, token)
-    # hard samples go to the demo AppStore's inbox (a new real site keeps them on site: samples.upload = "off")
-    settings = settings.model_copy(update={"samples": settings.samples.model_copy(
-        update={"upload": "full", "site": "demo", "upload_interval_s": 5.0})})
+    layout = Layout(settings.state_dir.resolve())
+    register_environment(layout, __version__, Path(sys.prefix))
     b, t = settings.broker, settings.topics
     sims = [CameraSimulator(b, "cam1", 0, prefix=t.cameras), CameraSimulator(b, "cam2", 1, prefix=t.cameras),
             GasSensorSimulator(b, "gas1", prefix=t.sensors)]
@@ -101,7 +131,17 @@ def run_demo(settings: Settings) -> int:
         print(f"EVENT  {e['app']:<10} {e['source']:<5} {e['label']:<8} score {e['score']:.2f}  snapshot {snap}",
               flush=True)
 
-    def started(daemon: Daemon) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "appliance_launcher", "--root", str(layout.root)]
+        + (["--config", str(config.resolve())] if config else []),
+        env=_environ(settings, store_url, token), start_new_session=True)  # Ctrl-C reaches the demo, which stops it
+    try:
+        while not _answers(settings):
+            if launcher.poll() is not None or stop.wait(0.2):
+                return 1 if launcher.poll() is not None else 0
         watcher.subscribe(events_topic, show)
         watcher.start()
         for sim in sims:
@@ -113,6 +153,8 @@ Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish t
   web console:     {scheme}://{h.host}:{h.port}/   log in as {login}
   AppStore:        {store_url} (channel {demo_store.CHANNEL}); publish a new version of ppe-watch and watch the
                    appliance take it within seconds:  .venv/bin/python -m appliance.demo.publish
+  self-upgrade:    build this tree as the next appliance release, publish it, and watch the appliance switch
+                   to it (console → System):  .venv/bin/python -m appliance.demo.publish --release
   hard samples:    console → Samples; in the AppStore's inbox:
                    .venv/bin/appstore --repo {demo_store.repo_dir(settings)} samples
   events on MQTT:  mosquitto_sub -h {b.host} -p {b.port} -t '{events_topic}' -v
@@ -121,12 +163,19 @@ Demo running: 2 simulated cameras (cam1, cam2) and a gas sensor (gas1) publish t
   your own image:  mosquitto_pub -h {b.host} -p {b.port} -t {t.cameras}/cam9/frame -f some.jpg
 Press Ctrl-C to stop.
 """, flush=True)
-
-    def stop_simulators() -> None:
+        while not stop.wait(0.5):
+            if launcher.poll() is not None:
+                log.error("the launcher exited with %s", launcher.returncode)
+                return 1
+        return 0
+    finally:
         for sim in sims:
             sim.stop()
         watcher.stop()
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
         appstore.should_exit = True
-
-    run(settings, ready=started, before_stop=stop_simulators)
-    return 0

@@ -74,6 +74,14 @@ def link(settings: Settings, url: str, token: str) -> Settings:
     return settings.model_copy(update={"appstore": store})
 
 
+def link_environ(settings: Settings, url: str, token: str) -> dict[str, str]:
+    """The same link as environment overrides, for the daemon the demo's launcher starts."""
+    root = repo_dir(settings) / "metadata" / "1.root.json"
+    values = {"URL": json.dumps(url), "ROOT": json.dumps(str(root)), "CHANNEL": json.dumps(CHANNEL),
+              "DEVICE_TOKEN": json.dumps(token), "REFRESH_S": str(REFRESH_S)}
+    return {f"APPLIANCE_APPSTORE__{k}": v for k, v in values.items()}
+
+
 def environ_repo(settings: Settings) -> dict[str, str]:
     """What ``appstore`` commands need to work on the demo's repository."""
     return {**os.environ, "APPSTORE_REPO": str(repo_dir(settings))}

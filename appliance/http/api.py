@@ -33,6 +33,8 @@ from appliance.http.models import (
     TokenCreated,
     TokenIn,
     TokenOut,
+    UpgradeActionIn,
+    UpgradeActionOut,
     UserIn,
     UserOut,
     UserUpdate,
@@ -46,8 +48,9 @@ from appliance.http.security import (
     console,
     set_session_cookie,
 )
-from appliance.status import AppStatus, DaemonStatus
+from appliance.status import AppStatus, DaemonStatus, UpgradeStatus
 from appliance.store import NotFound
+from appliance.upgrade import control
 
 _errors: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in (
@@ -213,6 +216,32 @@ def rollback_app(name: Name, who: Admin, request: Request) -> AppOut:
     """Back to the version before the last upgrade; served with no gap."""
     actions.rollback_app(console(request).store, name, who.actor(client_address(request)))
     return _app_out(request, name)
+
+
+# the appliance's own upgrades
+
+
+def _upgrade_status(request: Request) -> UpgradeStatus:
+    status = console(request).status()
+    return status.upgrade or UpgradeStatus(running=status.version)
+
+
+@router.get("/upgrade", tags=["upgrade"])
+def upgrade(who: Viewer, request: Request) -> UpgradeStatus:
+    """The appliance's own release: running and previous versions, what the channel asks for, an upgrade under
+    way (state, bytes received of total), the maintenance window, and the history with reasons."""
+    return _upgrade_status(request)
+
+
+@router.post("/upgrade/{action}", responses=_conflict, tags=["upgrade"])
+def upgrade_action(action: control.Action, who: Admin, request: Request,
+                   body: UpgradeActionIn | None = None) -> UpgradeActionOut:
+    """``check`` the AppStore now; ``apply`` an installed release now, even outside the window; ``postpone``
+    the switch by ``hours``; ``rollback`` to the previous release (the appliance restarts)."""
+    ctx = console(request)
+    done = control.act(ctx.upgrades, ctx.sync_now, action, who.actor(client_address(request)),
+                       (body or UpgradeActionIn()).hours)
+    return UpgradeActionOut(done=done, upgrade=_upgrade_status(request))
 
 
 # users

@@ -18,6 +18,7 @@ from appliance.samples.capture import SampleCapture
 from appliance.stats import Stats
 from appliance.status import DaemonStatus
 from appliance.store import Store
+from appliance.upgrade.agent import Upgrader
 
 
 @dataclass(slots=True)
@@ -34,3 +35,4 @@ class Console:
     diagnostics: Callable[[], bytes] | None = None  # the support bundle (a zip), see appliance.console.diagnostics
     sync_now: Callable[[], None] = lambda: None  # nudge the AppStore sync (after a subscription changed)
     samples: SampleCapture | None = None  # operators' flags become hard samples
+    upgrades: Upgrader | None = None  # the appliance's own upgrades (None without an AppStore link)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.auth import PasswordPolicy
-from appliance.status import AppStatus, SyncStatus
+from appliance.status import AppStatus, SyncStatus, UpgradeStatus
 from appliance.store import (
     AppRecord,
     AuditRecord,
@@ -186,3 +186,12 @@ class AuditOut(BaseModel):
     @classmethod
     def of(cls, a: AuditRecord) -> AuditOut:
         return cls(id=a.id, ts=a.ts, actor=a.actor, action=a.action, address=a.address, detail=dict(a.detail))
+
+
+class UpgradeActionIn(_In):
+    hours: float = Field(default=24.0, gt=0, le=168, description="postpone only: no switch before this many hours")
+
+
+class UpgradeActionOut(BaseModel):
+    done: str = Field(description="what was done, in a sentence")
+    upgrade: UpgradeStatus

@@ -4,6 +4,9 @@
   by default; a site that binds it elsewhere exposes them on purpose, as Prometheus needs).
 - ``/api/status`` is what ``appliance status`` reads: open to loopback clients only (the CLI runs on the
   box); anyone else gets 403 and is pointed at ``/api/v1/status``.
+- ``/api/upgrade/{action}`` is what ``appliance upgrade check|apply|postpone|rollback`` posts: loopback only
+  too, and only with the ``X-Appliance-CLI`` header (a page in a browser on the box cannot send it without
+  a CORS preflight, which this server never grants); audited as the local CLI.
 - ``/api/v1/...`` needs a login or an API token, with roles (:mod:`appliance.http.api`); its reference
   is at ``/api/docs`` and ``/api/openapi.json``, for admins only.
 
@@ -22,7 +25,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.auth import PermissionDenied
+from appliance.auth import Actor, PermissionDenied
 from appliance.http.api import router as api_router
 from appliance.http.context import Console
 from appliance.http.docs import render_docs
@@ -30,6 +33,9 @@ from appliance.http.errors import install_error_handler
 from appliance.http.security import ROLE_OF, Admin, client_address, is_loopback
 from appliance.metrics import Metrics
 from appliance.status import DaemonStatus
+from appliance.upgrade import control
+
+CLI_HEADER = "X-Appliance-CLI"
 
 _HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"same-origin")]
@@ -88,6 +94,13 @@ def build_app(status: Callable[[], DaemonStatus], metrics: Metrics, healthy: Cal
         return app
     app.state.console = console
     app.include_router(api_router)
+
+    @app.post("/api/upgrade/{action}", include_in_schema=False)
+    def cli_upgrade(action: control.Action, request: Request, hours: float = 24.0) -> dict[str, str]:
+        if not is_loopback(client_address(request)) or request.headers.get(CLI_HEADER) != "1":
+            raise PermissionDenied("/api/upgrade answers `appliance upgrade` on the appliance itself only; from "
+                                   "elsewhere log in and use /api/v1/upgrade")
+        return {"done": control.act(console.upgrades, console.sync_now, action, Actor("cli", "local"), hours)}
     if pages is not None:
         pages(app)
 

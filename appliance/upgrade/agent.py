@@ -140,6 +140,10 @@ class Upgrader:
                                           {"version": last.to_version, "back_on": __version__, "reason": last.reason},
                                           ACTOR.address)
                 log.error("appliance %s was rolled back: %s", last.to_version, last.reason)
+            elif last.outcome == "rollback":  # an admin's: the version left stays off until the channel moves on
+                why = f"rolled back by an admin ({last.reason})"
+                self._refused.versions[last.from_version] = why
+                self.state, self.reason, self.desired = "rolled back", why, last.from_version
             elif last.outcome == "confirmed" and last.to_version == __version__:
                 self.state = "upgraded"
             self._refused.save()

@@ -19,6 +19,7 @@ from appliance_launcher.state import Layout, Trial
 log = logging.getLogger(__name__)
 
 CHECK_S = 0.5  # how often the checks run while on trial
+LOG_AFTER_S = 10.0  # a new release takes a few seconds to connect and load: say nothing before this
 LOG_EVERY_S = 60.0
 
 
@@ -33,7 +34,7 @@ class HealthConfirmation:
         self.last_problems: list[str] = []
 
     async def run(self) -> None:
-        logged = 0.0
+        logged = time.monotonic() - LOG_EVERY_S + LOG_AFTER_S
         while True:
             problems = await self._problems(self._trial)
             if not problems:

@@ -171,3 +171,23 @@ def install_bundle(layout: Layout, folder: Path, python: Path | None = None, cac
     if layout.target(layout.current) is None:
         layout.point(layout.current, manifest.version)
     return manifest.version
+
+
+def register_environment(layout: Layout, version: str, environment: Path) -> None:
+    """Make an existing environment (a development checkout's venv) the release ``version`` and ``current``,
+    so that it runs under the launcher and can upgrade to real releases (``make demo``). It has no wheels:
+    the first real release downloads them all. Any trial left from an earlier run is dropped."""
+    folder = layout.release(version)
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)
+    (folder / "bin").mkdir(parents=True)
+    for name in ("appliance", "python"):
+        os.symlink(environment / "bin" / name, folder / "bin" / name)
+    write_atomically(folder / ".installed", b"")
+    state = layout.state()
+    state.trial = None
+    layout.save(state)
+    layout.point(layout.current, version)
+    layout.request_file.unlink(missing_ok=True)
