@@ -259,6 +259,7 @@ def _restore(db: Path, snapshot: Path, since: float, folder: Path, failed: str) 
     Safe to repeat after a crash: the failed database is moved aside by one rename (with its WAL, which
     SQLite names after it), and the snapshot goes in by a copy under a temporary name and a rename.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     failed_db = folder / f"failed-{failed}.db"
     if db.exists() and not failed_db.exists():
         for suffix in ("-wal", "-shm", ""):

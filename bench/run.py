@@ -26,6 +26,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -197,16 +198,26 @@ class Runner:
         ctx, plan = self.ctx, self.ctx.plan
         cores = ctx.threads
         out: dict[str, Any] = {}
-        for key, label, extra in S.worker_designs(cores):
-            with ExitStack() as stack:
-                daemon = stack.enter_context(Appliance(ctx.workdir / f"design-{key}", broker_port=broker.port,
-                                                       extra=f'[topics]\ncameras = "{DESIGN_PREFIX}"\n' + extra))
-                S.install_bench_app(ctx, daemon, prefix=DESIGN_PREFIX)
+        designs = S.worker_designs(cores)
+        with ExitStack() as stack:
+            # each on a camera prefix of its own, so that only the one measured gets the frames
+            prefixes = [f"{DESIGN_PREFIX}-{key}" for key, _, _ in designs]
+            daemons = [stack.enter_context(Appliance(ctx.workdir / f"design-{key}", broker_port=broker.port,
+                                                     extra=f'[topics]\ncameras = "{prefix}"\n' + extra))
+                       for (key, _, extra), prefix in zip(designs, prefixes)]
+
+            def ready(daemon: Appliance, prefix: str) -> None:
+                S.install_bench_app(ctx, daemon, prefix=prefix)
                 daemon.start()
-                wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]
-                           f"the bench app serving ({label})")
+                wait_until(lambda: daemon.serving("bench"), S.SERVE_TIMEOUT_S, f"the bench app serving ({prefix})")
+
+            # started side by side (each start waits on imports and a model load), measured one at a time: the
+            # others idle meanwhile
+            with ThreadPoolExecutor(len(designs)) as pool:
+                list(pool.map(ready, daemons, prefixes))
+            for (key, label, extra), daemon, prefix in zip(designs, daemons, prefixes):
                 client = stack.enter_context(LoadClient(daemon.mqtt_port, daemon.results_topic, ctx.frames,
-                                                        mqtt5=True, prefix=DESIGN_PREFIX, drain_s=self.drain_s))
+                                                        mqtt5=True, prefix=prefix, drain_s=self.drain_s))
                 pids: dict[str, int | None] = {"daemon": daemon.pid, **daemon.worker_pids(), "mosquitto": broker.pid}
                 system = C.System(key, client, pids, daemon)
                 rows = []

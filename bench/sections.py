@@ -94,7 +94,7 @@ QUICK = Plan(quick=True, limit_s=0.3, limit_slice_s=0.3, streams=(1, 2), embedde
              overload_factor=2.0, cores_streams=2, idle_s=1.0, idle_settle_s=0.2, swap_streams=2, swap_before_s=0.3,
              swap_after_s=0.3, swap_timeout_s=60.0, model_copies=(1, 2), churn_cameras=6, churn_frame_bytes=100_000,
              churn_forget_s=1.0, profile_s=2.0, tries=1, quiet_percent=10.0, retry_budget_s=0.0,
-             cheap_streams=(1, 2), design_streams=(1,))
+             cheap_streams=(1,), design_streams=(1,))
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -110,6 +112,7 @@ def test_a_good_release_is_installed_beside_the_old_switched_to_confirmed_and_re
     layout = box.layout
     assert layout.target(layout.current) == GOOD and layout.target(layout.previous) == BASE
     assert layout.installed(GOOD) and layout.installed(BASE), "both releases side by side"
+    wait_for(lambda: box.history(), "the launcher recording the confirmation")
     assert [h["outcome"] for h in box.history()] == ["confirmed"]
     up = box.upgrade()
     assert up["running"] == GOOD and up["previous"] == BASE and up["desired"] == GOOD and up["launcher"]
@@ -161,7 +164,7 @@ def test_a_release_that_crashes_at_start_is_taken_back_and_halts_the_canary_roll
 
 
 @pytest.mark.parametrize("box", [{"confirm_within_s": 15.0}], indirect=True)
-def test_a_release_that_never_becomes_healthy_is_taken_back_with_what_it_recorded(
+def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_taken_back_with_what_it_recorded(
         shop: Shop, channel: str, box: Box) -> None:
     pub = Publisher(box.mqtt_port)
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.2")
@@ -183,8 +186,16 @@ def test_a_release_that_never_becomes_healthy_is_taken_back_with_what_it_recorde
         kept = {r[0] for r in db.execute("SELECT id FROM events")}
         schema = db.execute("PRAGMA user_version").fetchone()[0]
     assert events <= kept, "events written by the failed release are carried into the restored database"
+    assert schema == 6, "the database is at the schema the old release reads"
     assert "upgrade.switch" in audit(box) and "upgrade.rolled_back" in audit(box)
-    del schema
+
+    # healthy in every other way, but it cannot phone home although the old release could
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.4")
+    nudge(box)
+    wait_for(lambda: (s := box.status()) and s["version"] == "0.2.4", "0.2.4 started")
+    up = _rolled_back(box, "0.2.4")
+    assert "within 15 s" in up["reason"]
+    assert [h["outcome"] for h in box.history()] == ["rolled back", "rolled back"]
 
 
 def test_a_release_whose_migration_fails_or_whose_wheel_was_tampered_with_is_refused_before_the_switch(
@@ -214,14 +225,6 @@ def test_a_release_whose_migration_fails_or_whose_wheel_was_tampered_with_is_ref
     assert box.layout.target(box.layout.current) == BASE
 
 
-@pytest.mark.parametrize("box", [{"confirm_within_s": 15.0}], indirect=True)
-def test_a_release_that_cannot_reach_the_appstore_is_taken_back(shop: Shop, channel: str, box: Box) -> None:
-    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.4")
-    nudge(box)
-    up = _rolled_back(box, "0.2.4")
-    assert "within 15 s" in up["reason"]
-
-
 def test_a_killed_launcher_mid_trial_comes_back_on_a_working_release(shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
     nudge(box)
@@ -231,3 +234,16 @@ def test_a_killed_launcher_mid_trial_comes_back_on_a_working_release(shop: Shop,
     wait_until(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded", 180, interval=0.2,
                what="the box upgraded after the launcher was killed")
     assert box.layout.target(box.layout.previous) == BASE
+
+
+def test_a_daemon_killed_while_it_installs_comes_back_on_the_old_release_and_finishes(
+        shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
+    nudge(box)
+    wait_for(lambda: box.upgrade().get("state") in ("installing", "testing"), f"{GOOD} being installed")
+    os.kill(int((box.root / "launcher.child").read_text()), signal.SIGKILL)  # a kill, an OOM, a power cut
+    s = box.wait_running(GOOD, timeout=180)
+    wait_for(lambda: box.upgrade()["state"] == "upgraded", f"{GOOD} upgraded after the kill")
+    wait_for(lambda: box.history(), "the launcher recording the confirmation")
+    assert [h["outcome"] for h in box.history()] == ["confirmed"], "the killed install was made again, not used"
+    assert s["upgrade"]["previous"] == BASE and box.layout.installed(GOOD)

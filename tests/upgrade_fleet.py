@@ -19,6 +19,7 @@ import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,23 @@ RELEASES: dict[str, Sabotage | None] = {
 
 
 def build_releases(folder: Path) -> dict[str, Path]:
-    """Every test release, built from copies of this tree; version -> its release folder."""
-    out: dict[str, Path] = {}
-    for version, sabotage in RELEASES.items():
+    """Every test release, built from copies of this tree (two at a time: each build waits on pip); version ->
+    its release folder."""
+    bundle.dependency_wheels(ROOT / "pyproject.toml")  # fetched once, before the builds share the wheelhouse
+
+    def one(version: str) -> Path:
         tree = bundle.copy_tree(ROOT, folder / f"src-{version}")
         bundle.set_version(tree, version)
+        sabotage = RELEASES[version]
         if sabotage is not None:
             sabotage(tree)
-        out[version] = bundle.build(folder / "dist", source=tree)
-        shutil.rmtree(tree)
-    return out
+        try:
+            return bundle.build(folder / "dist", source=tree)
+        finally:
+            shutil.rmtree(tree)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(RELEASES, pool.map(one, RELEASES)))
 
 
 @dataclass

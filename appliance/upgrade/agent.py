@@ -281,8 +281,11 @@ class Upgrader:
             self.state = "installing"
             self._audit("upgrade.install", desired)
             install_release(layout, manifest, python, self._cache_dir(layout))
+        tested = layout.release(desired) / ".tested"
+        if not tested.is_file():  # tested once per install: a kill during the test means testing again
             self.state = "testing"
             self._self_test(layout, desired)
+            write_atomically(tested, b"")
         if self.postponed_until is not None and time.time() < self.postponed_until:
             self.state, self.reason = "postponed", f"postponed by an admin until {_local(self.postponed_until)}"
             return

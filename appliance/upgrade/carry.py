@@ -34,7 +34,8 @@ def carry_over(db_path: Path, carry: Carry) -> dict[str, int]:
     carried: dict[str, int] = {}
     db = sqlite3.connect(f"file:{db_path}", uri=True, isolation_level=None)
     try:
-        db.execute("ATTACH DATABASE ? AS failed", (f"file:{failed}?mode=ro",))
+        # read and write: a WAL database opened read-only needs its -shm file, which may not be there
+        db.execute("ATTACH DATABASE ? AS failed", (str(failed),))
         db.execute("BEGIN IMMEDIATE")
         for table, keeps_id in CARRIED.items():
             theirs = set(_columns(db, "failed", table))
