@@ -10,7 +10,9 @@ nudge ``{"cmd": "sync"}``):
    install them with the same checks and admission as ``appliance apps add``, and wait until the new
    version serves; one that does not serve in ``activation_timeout_s`` is rolled back and refused, with
    the reason, and not tried again until the desired version changes;
-4. report to the AppStore: versions, health, last error.
+4. the appliance's own release: the upgrade agent (:mod:`appliance.upgrade.agent`) takes one step towards
+   the channel's ``appliance`` version (download, install, self-test, switch), see docs/upgrade.md;
+5. report to the AppStore: versions, health, last error, the upgrade's state.
 
 If the AppStore cannot be reached the appliance keeps serving what it has and tries again with backoff.
 Every refusal (a tampered target, replayed or expired metadata, an untrusted key, an app that does not

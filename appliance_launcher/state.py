@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,7 @@ RESTART_EXIT = 75  # a release exits with this to ask the launcher to start ``cu
 ROOT_ENV = "LAUNCHER_ROOT"  # set by the launcher in the release's environment: where this tree is
 BOOT_ENV = "LAUNCHER_BOOT_ID"  # a fresh id per start; a confirmation must name it
 HISTORY_KEPT = 50
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")  # formats.model_card.VERSION_PATTERN, stdlib side
 
 T = TypeVar("T")
 
@@ -154,10 +156,15 @@ class Layout:
         return cls(Path(root)) if root else None
 
     def release(self, version: str) -> Path:
+        if not _VERSION.match(version):  # a name from a shared file never leaves releases/
+            raise StateError(f"{version!r} is not a release version (letters, digits and . + _ -)")
         return self.releases / version
 
     def installed(self, version: str) -> bool:
-        return (self.release(version) / ".installed").is_file()
+        try:
+            return (self.release(version) / ".installed").is_file()
+        except StateError:
+            return False
 
     def installed_versions(self) -> list[str]:
         if not self.releases.is_dir():
@@ -176,6 +183,7 @@ class Layout:
         if version is None:
             link.unlink(missing_ok=True)
             return
+        self.release(version)  # refuses a name that would leave releases/
         tmp = link.with_name(f".{link.name}.new")
         tmp.unlink(missing_ok=True)
         os.symlink(Path("releases") / version, tmp)

@@ -204,3 +204,19 @@ def test_a_launcher_killed_at_a_step_finishes_it_when_started_again(launcher: La
         with sqlite3.connect(launcher.root / "appliance.db") as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
         assert "t" not in tables, "the snapshot is back in place"
+
+
+def test_a_request_naming_a_path_outside_the_releases_is_not_followed(launcher: Launcher) -> None:
+    """Whoever can write the request file still cannot make the launcher run a program outside releases/."""
+    evil = launcher.root / "evil"
+    make_release(launcher.root, "1.0.0", "stay")
+    (evil / "bin").mkdir(parents=True)
+    (evil / ".installed").write_text("")
+    launcher.layout.write_request(Request(version="../evil", from_version="1.0.0", db="x", snapshot=None))
+    loop_state = launcher.layout.state()
+    from appliance_launcher.launcher import Launcher as Loop
+    from appliance_launcher.launcher import Options
+
+    Loop(Options(root=launcher.root, config=None))._follow_request(loop_state, "1.0.0")
+    assert launcher.current() == "1.0.0" and launcher.layout.state().trial is None
+    assert not launcher.layout.installed("../evil") and not launcher.layout.installed("..")
