@@ -13,15 +13,18 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.demo.scene import render_frame
-from tests.conftest import Mosquitto, Publisher, Subscriber, wait_until
+from tests.conftest import ROOT, Mosquitto, Publisher, Subscriber, wait_until
 from tests.test_appstore import ok
 from tests.upgrade_fleet import BASE, GOOD, Box, Shop, build_releases, make_box, make_shop, wait_for
 
@@ -198,7 +201,7 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
     assert [h["outcome"] for h in box.history()] == ["rolled back", "rolled back"]
 
 
-def test_a_release_whose_migration_fails_or_whose_wheel_was_tampered_with_is_refused_before_the_switch(
+def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered_with_is_refused_before_the_switch(
         shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.3")
     nudge(box)
@@ -222,6 +225,17 @@ def test_a_release_whose_migration_fails_or_whose_wheel_was_tampered_with_is_ref
                   "0.2.5 refused")
     assert "do not match their signed length or hashes" in up["reason"]
     assert not (box.layout.releases / "0.2.5").exists() and box.history() == []
+
+    served = shop.target_file("appliance/0.2.6/release.json")
+    manifest = json.loads(served.read_text())
+    manifest["min_from"] = "0.0.1"  # a plausible edit, in a file the AppStore signed otherwise
+    served.write_text(json.dumps(manifest))
+    ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.6")
+    nudge(box)
+    up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u["desired"] == "0.2.6" and u,
+                  "0.2.6 refused")
+    assert "do not match their signed length or hashes" in up["reason"]
+    assert not (box.layout.releases / "0.2.6").exists() and box.history() == []
     assert box.layout.target(box.layout.current) == BASE
 
 
@@ -247,3 +261,36 @@ def test_a_daemon_killed_while_it_installs_comes_back_on_the_old_release_and_fin
     wait_for(lambda: box.history(), "the launcher recording the confirmation")
     assert [h["outcome"] for h in box.history()] == ["confirmed"], "the killed install was made again, not used"
     assert s["upgrade"]["previous"] == BASE and box.layout.installed(GOOD)
+
+
+def _window_not_now() -> str:
+    start = datetime.now() + timedelta(hours=2)
+    end = start + timedelta(hours=1)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+@pytest.mark.parametrize("box", [{"window": _window_not_now()}], indirect=True)
+def test_outside_its_window_a_release_waits_installed_until_an_admin_applies_it(
+        shop: Shop, channel: str, box: Box) -> None:
+    ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
+    nudge(box)
+    up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "waiting" and u, f"{GOOD} waiting for its window")
+    assert up["window"] in up["reason"] and box.layout.installed(GOOD), "installed and tested, not switched"
+    assert box.layout.target(box.layout.current) == BASE
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(box.config), "upgrade", *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "no switch for 2 hours" in cli("postpone", "--hours", "2")
+    nudge(box)
+    wait_for(lambda: box.upgrade()["state"] == "postponed", "the switch postponed")
+    assert f"desired {GOOD}" in cli() and "postponed until" in cli()
+    assert f"switching to {GOOD}" in cli("apply")
+    wait_for(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded", f"{GOOD} applied by an admin",
+             timeout=180)
+    with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
+        lines = set(db.execute("SELECT actor, action, address FROM audit_log WHERE action LIKE 'upgrade.%'"))
+    assert {("cli", "upgrade.postpone", "local"), ("cli", "upgrade.apply", "local")} <= lines

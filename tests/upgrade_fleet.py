@@ -70,7 +70,8 @@ def cannot_phone_home(tree: Path) -> None:
 
 RELEASES: dict[str, Sabotage | None] = {
     BASE: None, GOOD: None, "0.2.1": crashes_at_start, "0.2.2": never_healthy, "0.2.3": migration_fails,
-    "0.2.4": cannot_phone_home, "0.2.5": None,  # 0.2.5: its wheel is tampered with on the server
+    "0.2.4": cannot_phone_home,
+    "0.2.5": None, "0.2.6": None,  # tampered with on the server: 0.2.5's wheel, 0.2.6's manifest
 }
 
 
@@ -210,7 +211,7 @@ class Box:
 
 
 def make_box(folder: Path, shop: Shop, channel: str, mqtt_port: int, uv_cache: Path, group: str = "",
-             **options: Any) -> Box:
+             window: str = "", **options: Any) -> Box:
     """A registered box on ``channel`` with the base release installed (not started)."""
     http_port = free_port()
     device = f"box-{http_port}"
@@ -239,6 +240,7 @@ def make_box(folder: Path, shop: Shop, channel: str, mqtt_port: int, uv_cache: P
         refresh_s = 600
         [upgrade]
         cache_dir = "{uv_cache}"
+        window = "{window}"
         """))
     return Box(root, config, http_port, mqtt_port, device, **options)
 
