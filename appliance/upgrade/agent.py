@@ -225,8 +225,10 @@ class Upgrader:
             if desired != self.desired:
                 self.force = False
             self.desired = desired
-            self._refused.versions = {v: r for v, r in self._refused.versions.items() if v == desired}
-            self._refused.save()
+            kept = {v: r for v, r in self._refused.versions.items() if v == desired}
+            if kept != self._refused.versions:  # the desired version moved on: what was refused may be tried again
+                self._refused.versions = kept
+                self._refused.save()
             if self.trial is not None:
                 return  # confirming: nothing else until this release has proven itself
             if desired is None or desired == __version__:
