@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httpx
 import pytest
@@ -110,7 +110,14 @@ def appliance(make_daemon: DaemonFactory, shop: Shop, extra: str = "") -> Daemon
     return d
 
 
-def sync_now(d: Daemon) -> None:
+class Nudgeable(Protocol):
+    """An appliance the tests can reach on its broker: a daemon, or a box under the launcher."""
+
+    mqtt_port: int
+    device: str
+
+
+def sync_now(d: Nudgeable) -> None:
     pub = Publisher(d.mqtt_port)
     try:
         pub.publish(f"appliance/{d.device}/commands", b'{"cmd": "sync"}')

@@ -26,6 +26,7 @@ import pytest
 from appliance.demo.scene import render_frame
 from tests.conftest import ROOT, Mosquitto, Publisher, Subscriber, wait_until
 from tests.test_appstore import ok
+from tests.test_sync import sync_now
 from tests.upgrade_fleet import BASE, GOOD, Box, Shop, build_releases, make_box, make_shop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -70,14 +71,6 @@ def box(tmp_path: Path, shop: Shop, channel: str, mosquitto: Mosquitto, uv_cache
         made.stop()
 
 
-def nudge(box: Box) -> None:
-    pub = Publisher(box.mqtt_port)
-    try:
-        pub.publish(f"appliance/{box.device}/commands", b'{"cmd": "sync"}')
-    finally:
-        pub.close()
-
-
 def audit(box: Box) -> list[str]:
     with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
         return [r[0] for r in db.execute("SELECT action FROM audit_log ORDER BY id")]
@@ -91,7 +84,7 @@ def test_a_good_release_is_installed_beside_the_old_switched_to_confirmed_and_re
     answered: list[float] = []
     try:
         ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
-        nudge(box)
+        sync_now(box)
 
         def upgraded() -> bool:
             pub.publish("cameras/cam1/frame", frame)
@@ -134,7 +127,7 @@ def test_a_good_release_is_installed_beside_the_old_switched_to_confirmed_and_re
 
     # and back down is refused unless the channel says so
     ok(shop.repo, "channel", "set", channel, "--appliance", BASE)
-    nudge(box)
+    sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "the downgrade refused")
     assert "downgrade" in up["reason"] and "--allow-downgrade" in up["reason"]
     assert box.layout.target(box.layout.current) == GOOD
@@ -152,7 +145,7 @@ def test_a_release_that_crashes_at_start_is_taken_back_and_halts_the_canary_roll
         shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "devices", "add", f"{box.device}-peer", "--channel", channel)  # a box outside the rollout
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.1", "--percent", "100")
-    nudge(box)
+    sync_now(box)
     up = _rolled_back(box, "0.2.1")
     assert "did not confirm its health in 3 starts" in up["reason"] and "exited with code" in up["reason"]
     doc = json.loads(ok(shop.repo, "channel", "show", channel))
@@ -161,7 +154,7 @@ def test_a_release_that_crashes_at_start_is_taken_back_and_halts_the_canary_roll
     assert "appliance 0.2.1 rolled back" in halted["rollout"]["reason"]
     assert halted["appliance"] == BASE, "the rest of the channel stays on the old release"
     del doc
-    nudge(box)  # the halted rollout sends the box back to the channel's release: nothing to do
+    sync_now(box)  # the halted rollout sends the box back to the channel's release: nothing to do
     wait_for(lambda: box.upgrade()["desired"] == BASE, "the box following the channel again")
     assert box.layout.target(box.layout.current) == BASE
 
@@ -171,7 +164,7 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
         shop: Shop, channel: str, box: Box) -> None:
     pub = Publisher(box.mqtt_port)
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.2")
-    nudge(box)
+    sync_now(box)
     try:
         # the failed release serves frames while it is on trial: its events must survive the rollback
         wait_for(lambda: (s := box.status()) and s["version"] == "0.2.2", "0.2.2 started")
@@ -194,7 +187,7 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
 
     # healthy in every other way, but it cannot phone home although the old release could
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.4")
-    nudge(box)
+    sync_now(box)
     wait_for(lambda: (s := box.status()) and s["version"] == "0.2.4", "0.2.4 started")
     up = _rolled_back(box, "0.2.4")
     assert "within 15 s" in up["reason"]
@@ -204,7 +197,7 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
 def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered_with_is_refused_before_the_switch(
         shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.3")
-    nudge(box)
+    sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "0.2.3 refused")
     assert "self-test of 0.2.3 failed" in up["reason"] and "migration" in up["reason"]
     assert box.history() == [], "the launcher never switched"
@@ -220,7 +213,7 @@ def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered
     data[len(data) // 2] ^= 0xFF
     served.write_bytes(bytes(data))
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.5")
-    nudge(box)
+    sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u["desired"] == "0.2.5" and u,
                   "0.2.5 refused")
     assert "do not match their signed length or hashes" in up["reason"]
@@ -231,7 +224,7 @@ def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered
     manifest["min_from"] = "0.0.1"  # a plausible edit, in a file the AppStore signed otherwise
     served.write_text(json.dumps(manifest))
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.6")
-    nudge(box)
+    sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u["desired"] == "0.2.6" and u,
                   "0.2.6 refused")
     assert "do not match their signed length or hashes" in up["reason"]
@@ -242,7 +235,7 @@ def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered
 def test_a_daemon_killed_while_it_installs_and_a_launcher_killed_mid_trial_still_end_on_a_working_release(
         shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
-    nudge(box)
+    sync_now(box)
     wait_for(lambda: box.upgrade().get("state") in ("installing", "testing"), f"{GOOD} being installed")
     os.kill(int((box.root / "launcher.child").read_text()), signal.SIGKILL)  # a kill, an OOM, a power cut
     # the launcher starts the old release again, which installs and tests the release again and switches
@@ -267,7 +260,7 @@ def _window_not_now() -> str:
 def test_outside_its_window_a_release_waits_installed_until_an_admin_applies_it(
         shop: Shop, channel: str, box: Box) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
-    nudge(box)
+    sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "waiting" and u, f"{GOOD} waiting for its window")
     assert up["window"] in up["reason"] and box.layout.installed(GOOD), "installed and tested, not switched"
     assert box.layout.target(box.layout.current) == BASE
@@ -279,7 +272,7 @@ def test_outside_its_window_a_release_waits_installed_until_an_admin_applies_it(
         return r.stdout
 
     assert "no switch for 2 hours" in cli("postpone", "--hours", "2")
-    nudge(box)
+    sync_now(box)
     wait_for(lambda: box.upgrade()["state"] == "postponed", "the switch postponed")
     assert f"desired {GOOD}" in cli() and "postponed until" in cli()
     assert f"switching to {GOOD}" in cli("apply")
