@@ -37,6 +37,7 @@ from appliance_launcher.state import (
     StateError,
     Trial,
 )
+from common import crashpoint
 from common.backoff import Backoff
 from common.files import fsync_dir
 
@@ -230,6 +231,7 @@ class Launcher:
                             snapshot=request.snapshot, snapshot_time=request.snapshot_time,
                             appstore_reachable=request.appstore_reachable, serving_apps=list(request.serving_apps))
         self.layout.save(state)  # first: a launcher killed between here and the switch still knows the way back
+        crashpoint.reached("launcher.switch")
         self.layout.confirm_file.unlink(missing_ok=True)
         (self.layout.upgrade / f"failed-{request.version}.db").unlink(missing_ok=True)  # from an earlier try
         self.layout.point(self.layout.previous, running)

@@ -29,6 +29,7 @@ from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from appstore_client.connection import Connection, ConnectionOptions
+from common import crashpoint
 from common.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class ResumableFetcher(FetcherInterface):
                         if sink is not None:
                             sink.write(chunk)
                             sink.flush()
+                            crashpoint.reached(f"download.{url.rsplit('/', 1)[-1]}")  # the crash tests: killed mid-download
                         have += len(chunk)
                         self._note(url, len(chunk))
                         yield chunk

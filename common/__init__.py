@@ -3,5 +3,6 @@ package here, so ``appliance``, ``appstore_client`` and ``appstore`` can all dep
 still point one way (see docs: "Packages").
 
 - :mod:`common.backoff`: how long to wait after the n-th failure in a row (exponential, capped, jittered).
+- :mod:`common.crashpoint`: a process killed at a named step, once, for the crash tests (off on a site).
 - :mod:`common.files`: writing a file so that a crash leaves the old or the new, never half.
 """

@@ -1,15 +1,22 @@
-"""The shared mechanisms in ``common``: the backoff policy every retry loop uses, and atomic file writes."""
+"""The shared mechanisms in ``common``: the backoff policy every retry loop uses, atomic file writes, and the
+crash points of the crash tests."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from common import crashpoint
 from common.backoff import Backoff
 from common.files import staged_file, write_atomically
+from tests.conftest import ROOT
 
 
 def test_backoff_doubles_up_to_its_cap_and_jitter_only_shortens() -> None:
@@ -46,3 +53,23 @@ def test_staged_files_have_unique_names_and_one_that_fails_is_removed(tmp_path: 
         f.write(b"half")
         raise ValueError("the checksum did not match")
     assert not failed.exists() and first_tmp.read_bytes() == b"{}"
+
+
+def test_an_armed_crashpoint_kills_the_process_once_and_an_unarmed_one_does_nothing(tmp_path: Path) -> None:
+    program = "from common import crashpoint; crashpoint.reached('step'); print('went on')"
+    env = dict(os.environ, **{crashpoint.ENV: str(tmp_path)})
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=30, check=False)
+
+    (tmp_path / "step").touch()
+    killed = run()
+    assert killed.returncode == -signal.SIGKILL and "went on" not in killed.stdout
+    assert not (tmp_path / "step").exists(), "disarmed by the kill"
+    again = run()
+    assert again.returncode == 0 and "went on" in again.stdout
+    del env[crashpoint.ENV]
+    (tmp_path / "step").touch()
+    assert subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30, check=False).returncode == 0, "off unless the environment names a folder"

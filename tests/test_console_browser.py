@@ -9,20 +9,19 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect
 
 from appliance.console.i18n import translations
 from appliance.demo.run import DETECTOR_APP, GAS_APP
 from appliance.demo.scene import render_frame
 from appliance.demo.simulators import CameraSimulator, GasSensorSimulator
 from appliance.settings import BrokerSettings
-from tests.conftest import ROOT, Daemon, DaemonFactory, Publisher, new_daemon, wait_until, write_app
+from tests.conftest import CHROMIUM, ROOT, Daemon, DaemonFactory, Publisher, new_daemon, wait_until, write_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     # never a skipped browser suite: `make test` installs Chromium (tools/system-packages); a bare pytest run
     # without it fails here and says how to get it
@@ -31,8 +30,6 @@ if not CHROMIUM.exists():
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--no-first-run"]
 WAIT_MS = 30_000  # the machine may be busy (benchmarks): be patient, never sleep
 WAIT_S = WAIT_MS / 1000
 PASSWORD = "correct horse battery staple"
@@ -66,7 +63,14 @@ def wait_serving(d: Daemon, *apps: str) -> None:
                WAIT_S * 2, what=f"apps {apps} serving")
 
 
-def new_page(browser: Browser, d: Daemon, viewport: ViewportSize = DESKTOP) -> Page:
+class Served(Protocol):
+    """A console to point a browser at: a test daemon, or a box under the launcher (test_upgrade.py)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+
+def new_page(browser: Browser, d: Served, viewport: ViewportSize = DESKTOP) -> Page:
     """A page in a browser of its own (no cookies), whose Accept-Language is English."""
     context = browser.new_context(base_url=d.base_url, viewport=viewport, locale="en-GB")
     context.set_default_timeout(WAIT_MS)
@@ -99,14 +103,6 @@ def row(page: Page, event_id: str) -> Locator:
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Daemon]:

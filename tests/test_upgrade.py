@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Browser, expect
 
 from appliance.demo.scene import render_frame
+from appliance.upgrade.install import has_wheel
+from appstore.server import build_app
+from formats.release import ReleaseManifest
 from tests.conftest import ROOT, Mosquitto, Publisher, Subscriber, wait_until
-from tests.test_appstore import ok
+from tests.test_appstore import ok, write_app
+from tests.test_console_browser import PASSWORD, log_in, new_page
 from tests.test_sync import sync_now
 from tests.upgrade_fleet import BASE, GOOD, Box, Shop, build_releases, make_box, make_shop, wait_for
 
@@ -194,8 +199,8 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
     assert [h["outcome"] for h in box.history()] == ["rolled back", "rolled back"]
 
 
-def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered_with_is_refused_before_the_switch(
-        shop: Shop, channel: str, box: Box) -> None:
+def test_a_release_whose_migration_fails_is_tampered_with_or_signed_by_an_untrusted_key_is_refused_before_the_switch(
+        shop: Shop, channel: str, box: Box, tmp_path: Path, models: dict[str, Path]) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", "0.2.3")
     sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "refused" and u, "0.2.3 refused")
@@ -231,23 +236,68 @@ def test_a_release_whose_migration_fails_or_whose_wheel_or_manifest_was_tampered
     assert not (box.layout.releases / "0.2.6").exists() and box.history() == []
     assert box.layout.target(box.layout.current) == BASE
 
+    # an AppStore at the same address with keys of its own, offering the good release, byte for byte
+    rogue = tmp_path / "rogue"
+    ok(rogue, "keys", "init")
+    ok(rogue, "publish", "release", str(shop.releases[GOOD]))
+    ok(rogue, "publish", "model", str(models["demo-detector"]))
+    ok(rogue, "publish", "app", str(write_app(tmp_path / "app.json")))
+    ok(rogue, "channel", "set", channel, "--app", "ppe-watch=1.0.0", "--appliance", GOOD)
+    genuine, shop.switch.app = shop.switch.app, build_app(rogue)
+    manifest = ReleaseManifest.load(shop.releases[GOOD] / "release.json")
+    try:
+        sync_now(box)
+        sync = wait_for(lambda: (s := box.status()) and "not signed by the keys this appliance trusts"
+                        in s["appstore"]["last_error"] and s["appstore"], "the rogue AppStore refused")
+        assert "check the AppStore address and the trusted root" in sync["last_error"]
+        assert box.upgrade()["desired"] == "0.2.6", "the rogue channel was never read"
+        assert not any(has_wheel(box.layout, f) for f in manifest.files if f.name.startswith("edge_appliance-"))
+        assert not (box.layout.releases / GOOD).exists()
+        assert any(a["name"] == "ppe-watch" and a["state"] == "serving" for a in box.status()["apps"]), \
+            "the box keeps serving what it had"
+    finally:
+        shop.switch.app = genuine
 
-def test_a_daemon_killed_while_it_installs_and_a_launcher_killed_mid_trial_still_end_on_a_working_release(
+
+@pytest.mark.parametrize("box", [{"crashpoints": True}], indirect=True)
+def test_a_daemon_or_launcher_killed_at_every_step_of_an_upgrade_still_ends_on_a_working_release(
         shop: Shop, channel: str, box: Box) -> None:
+    """SIGKILL (a kill, an OOM, a power cut) at each step, one after the other on one box: each start of the
+    old release takes up where the killed one stopped, and the upgrade ends confirmed, with nothing lost."""
+    own = ReleaseManifest.load(shop.releases[GOOD] / "release.json").appliance_wheel
+    download = f"download.{own.sha256}.{own.name}"  # the file name of the wheel as the AppStore serves it
+    box.arm(download, "upgrade.snapshot", "upgrade.switch", "launcher.switch", "upgrade.confirm")
     ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
     sync_now(box)
-    wait_for(lambda: box.upgrade().get("state") in ("installing", "testing"), f"{GOOD} being installed")
-    os.kill(int((box.root / "launcher.child").read_text()), signal.SIGKILL)  # a kill, an OOM, a power cut
-    # the launcher starts the old release again, which installs and tests the release again and switches
-    wait_for(lambda: (s := box.status()) and s["version"] == GOOD, f"{GOOD} started after the kill", timeout=180)
-    box.kill_launcher()  # mid-trial (or just after): the release dies with it, as systemd would kill the unit
+    # killed with part of the wheel on disk: the next start resumes the download
+    wait_for(lambda: box.upgrade().get("state") in ("installing", "testing"), f"{GOOD} being installed",
+             timeout=180)
+    assert download not in box.armed() and "resuming" in box.log()
+    os.kill(int((box.root / "launcher.child").read_text()), signal.SIGKILL)  # killed while installing or testing
+    # then killed with the snapshot taken but no request, and with the request written but still running;
+    # after those the old release switches, and the launcher dies after recording the trial, before the switch
+    assert box.proc is not None
+    box.proc.wait(240)
+    assert box.proc.returncode == -signal.SIGKILL and box.armed() == ["upgrade.confirm"], box.log()[-3000:]
+    assert box.layout.target(box.layout.current) == BASE
     box.start()
+    # the new launcher finishes the switch; the new release is killed just before it confirms, and confirms
+    # on its second start
     s = wait_until(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded" and s, 180,
-                   interval=0.2, what="the box upgraded after both kills")
+                   interval=0.2, what="the box upgraded after every kill")
     wait_for(lambda: box.history(), "the launcher recording the confirmation")
-    assert [h["outcome"] for h in box.history()] == ["confirmed"], "no start was taken for a failure"
-    assert s["upgrade"]["previous"] == BASE and box.layout.target(box.layout.previous) == BASE
-    assert box.layout.installed(GOOD)
+    [entry] = box.history()
+    assert entry["outcome"] == "confirmed" and "after 2 start(s)" in entry["reason"], entry
+    assert box.armed() == []
+    box.kill_launcher()  # after the confirmation: nothing to finish, the new release stays
+    box.start()
+    s = box.wait_running(GOOD)
+    assert s["upgrade"]["state"] == "upgraded" and s["upgrade"]["previous"] == BASE
+    assert [h["outcome"] for h in box.history()] == ["confirmed"]
+    assert box.layout.installed(GOOD) and box.layout.target(box.layout.previous) == BASE
+    actions = audit(box)
+    assert actions.count("upgrade.switch") == 2, "each start that wrote its request audited the switch"
+    assert "upgrade.confirmed" in actions
 
 
 def _window_not_now() -> str:
@@ -257,27 +307,47 @@ def _window_not_now() -> str:
 
 
 @pytest.mark.parametrize("box", [{"window": _window_not_now()}], indirect=True)
-def test_outside_its_window_a_release_waits_installed_until_an_admin_applies_it(
-        shop: Shop, channel: str, box: Box) -> None:
+def test_outside_its_window_a_release_waits_until_an_admin_applies_it_and_goes_back_on_an_admins_word(
+        shop: Shop, channel: str, box: Box, browser: Browser) -> None:
     ok(shop.repo, "channel", "set", channel, "--appliance", GOOD)
     sync_now(box)
     up = wait_for(lambda: (u := box.upgrade()) and u["state"] == "waiting" and u, f"{GOOD} waiting for its window")
     assert up["window"] in up["reason"] and box.layout.installed(GOOD), "installed and tested, not switched"
     assert box.layout.target(box.layout.current) == BASE
 
-    def cli(*args: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(box.config), "upgrade", *args],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    def cli(*args: str, input: str | None = None) -> str:
+        r = subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(box.config), *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, input=input)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    assert "no switch for 2 hours" in cli("postpone", "--hours", "2")
+    cli("users", "add", "boss", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
+    page = new_page(browser, box)
+    log_in(page, "boss", "/system")
+    software = page.locator("#software")
+    expect(software.locator("dt:has-text('Wanted by the AppStore') + dd")).to_have_text(GOOD)
+    expect(software).to_contain_text(f"Switches only between {up['window']}")
+    software.get_by_role("button", name="Postpone by a day").click()
+    expect(page.locator("#software")).to_contain_text("Postponed until")
     sync_now(box)
     wait_for(lambda: box.upgrade()["state"] == "postponed", "the switch postponed")
-    assert f"desired {GOOD}" in cli() and "postponed until" in cli()
-    assert f"switching to {GOOD}" in cli("apply")
+    assert f"desired {GOOD}" in cli("upgrade") and "postponed until" in cli("upgrade")
+    assert f"switching to {GOOD}" in cli("upgrade", "apply")
     wait_for(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded", f"{GOOD} applied by an admin",
              timeout=180)
+
+    page.goto("/system")  # the new release's console; the session is in the database and outlives the switch
+    software = page.locator("#software")
+    expect(software.locator("dt:has-text('Running') + dd")).to_have_text(GOOD)
+    expect(software.locator("table")).to_contain_text("Confirmed")
+    page.once("dialog", lambda dialog: dialog.accept())
+    software.get_by_role("button", name=f"Go back to {BASE}").click()
+    s = wait_for(lambda: (s := box.running(BASE)) and s["upgrade"]["state"] == "rolled back" and s,
+                 f"back on {BASE} on an admin's word", timeout=180)
+    assert "rolled back by an admin" in s["upgrade"]["reason"] and box.layout.target(box.layout.current) == BASE
+    sync_now(box)  # the channel still names GOOD: it is not tried again until the channel moves on
+    wait_for(lambda: box.upgrade()["desired"] == GOOD, "the box reading its channel again")
+    assert box.upgrade()["state"] == "rolled back" and box.layout.target(box.layout.current) == BASE
     with sqlite3.connect(f"file:{box.root / 'appliance.db'}?mode=ro", uri=True) as db:
-        lines = set(db.execute("SELECT actor, action, address FROM audit_log WHERE action LIKE 'upgrade.%'"))
-    assert {("cli", "upgrade.postpone", "local"), ("cli", "upgrade.apply", "local")} <= lines
+        lines = {(a, b) for a, b in db.execute("SELECT actor, action FROM audit_log WHERE action LIKE 'upgrade.%'")}
+    assert {("boss", "upgrade.postpone"), ("cli", "upgrade.apply"), ("boss", "upgrade.rollback")} <= lines

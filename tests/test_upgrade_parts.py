@@ -1,6 +1,6 @@
 """The upgrade's parts on their own, on real SQLite and real files: the maintenance window, the carry-over of
-a failed release's rows into the restored database, the release manifest, and the channel's appliance
-version as the AppStore publishes it and a device reads it."""
+a failed release's rows into the restored database, the release manifest, the channel's appliance
+version as the AppStore publishes it and a device reads it, and pruning old releases."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import pytest
 from appliance.store import EventRecord, Store
 from appliance.upgrade.agent import in_window, snapshot_db
 from appliance.upgrade.carry import carry_over
+from appliance.upgrade.install import prune, wheel_path
 from appliance_launcher.launcher import _restore
+from appliance_launcher.state import Layout
 from formats.channel import ChannelDoc
 from formats.errors import FormatError
-from formats.release import ReleaseManifest
+from formats.release import ReleaseFile, ReleaseManifest, file_entry
 
 
 @pytest.mark.parametrize(("window", "at", "inside"), [
@@ -86,3 +88,33 @@ def test_a_channel_names_the_appliance_release_for_its_devices_and_its_rollout_f
     plain = ChannelDoc.model_validate({"schema": 1, "channel": "stable", "version": 1, "apps": {"a": "1.0.0"}})
     assert "appliance" not in plain.to_json() and "allow_downgrade" not in plain.to_json(), \
         "a channel that does not name a release reads as before"
+
+
+def test_a_third_release_prunes_the_oldest_and_the_wheels_only_it_named(tmp_path: Path) -> None:
+    """keep_releases = 2: after 0.1.0 -> 0.2.0 -> 0.3.0, 0.1.0 goes with its own wheel; shared wheels stay, and
+    current and previous stay even when fewer are to be kept."""
+    layout = Layout(tmp_path / "box")
+    shared = tmp_path / "numpy-2.0.0-cp311-cp311-linux_x86_64.whl"
+    shared.write_bytes(b"the same dependency in every release")
+    own: dict[str, ReleaseFile] = {}
+    for version in ("0.1.0", "0.2.0", "0.3.0"):
+        wheel = tmp_path / f"edge_appliance-{version}-py3-none-any.whl"
+        wheel.write_bytes(f"the appliance at {version}".encode())
+        own[version] = file_entry(wheel)
+        manifest = ReleaseManifest(version=version, python="3.11", platform="linux-x86_64", min_from="0.1.0",
+                                   db_schema=6, files=(own[version], file_entry(shared)))
+        for f, src in ((own[version], wheel), (file_entry(shared), shared)):
+            wheel_path(layout, f).parent.mkdir(parents=True, exist_ok=True)
+            wheel_path(layout, f).write_bytes(src.read_bytes())
+        folder = layout.release(version)
+        folder.mkdir(parents=True)
+        (folder / "release.json").write_text(manifest.model_dump_json(by_alias=True))
+        (folder / ".installed").write_text("")
+    layout.point(layout.current, "0.3.0")
+    layout.point(layout.previous, "0.2.0")
+
+    assert prune(layout, {"0.3.0", "0.2.0"}, 2) == ["0.1.0"]
+    assert layout.installed_versions() == ["0.2.0", "0.3.0"] and not layout.release("0.1.0").exists()
+    assert not wheel_path(layout, own["0.1.0"]).exists(), "the wheel only 0.1.0 named is gone"
+    assert wheel_path(layout, own["0.2.0"]).exists() and wheel_path(layout, file_entry(shared)).exists()
+    assert prune(layout, {"0.3.0", "0.2.0"}, 1) == [], "current and previous are never pruned"

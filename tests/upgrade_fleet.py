@@ -11,6 +11,7 @@ release's own environment, never from this checkout.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import httpx
 from appliance.upgrade.install import install_bundle
 from appliance_launcher.state import Layout
 from appstore.server import build_app
+from common import crashpoint
 from image import bundle
 from tests.conftest import ROOT, free_port, wait_until
 from tests.test_appstore import ok
@@ -95,6 +97,17 @@ def build_releases(folder: Path) -> dict[str, Path]:
         return dict(zip(RELEASES, pool.map(one, RELEASES)))
 
 
+class Switch:
+    """The AppStore's address, serving whichever app is behind it now: the genuine AppStore, or one an
+    attacker put in its place (a hijacked name or a stolen server: its own keys, the same URL)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 @dataclass
 class Shop:
     repo: Path
@@ -103,6 +116,7 @@ class Shop:
     admin: str
     server: Any
     releases: dict[str, Path]
+    switch: Switch
 
     def fleet(self) -> dict[str, Any]:
         r = httpx.get(f"{self.url}/v1/devices", headers={"Authorization": f"Bearer {self.admin}"}, timeout=10)
@@ -127,10 +141,11 @@ def make_shop(folder: Path, models: dict[str, Path], releases: dict[str, Path]) 
     for release in releases.values():
         ok(repo, "publish", "release", str(release))
     admin = ok(repo, "admin-token").strip().splitlines()[-1]
-    server, port = serve(build_app(repo))
+    switch = Switch(build_app(repo))
+    server, port = serve(switch)
     root = folder / "root.json"
     shutil.copy(repo / "metadata" / "1.root.json", root)
-    return Shop(repo, f"http://127.0.0.1:{port}", root, admin, server, releases)
+    return Shop(repo, f"http://127.0.0.1:{port}", root, admin, server, releases, switch)
 
 
 @dataclass
@@ -144,11 +159,16 @@ class Box:
     device: str
     tries: int = 3
     confirm_within_s: float = 90.0
+    crashpoints: Path | None = None  # armed steps: see common.crashpoint
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_path = self.root.parent / f"box-{self.device}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def layout(self) -> Layout:
@@ -159,11 +179,22 @@ class Box:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "appliance_launcher", "--root", str(self.root), "--config", str(self.config),
                  "--tries", str(self.tries), "--confirm-within", str(self.confirm_within_s), "--stop-grace", "20"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, **({crashpoint.ENV: str(self.crashpoints)} if self.crashpoints else {})))
+
+    def arm(self, *steps: str) -> None:
+        """Kill the process that reaches each of ``steps`` next (once each; the box must be made with
+        ``crashpoints``)."""
+        assert self.crashpoints is not None
+        for step in steps:
+            (self.crashpoints / step).touch()
+
+    def armed(self) -> list[str]:
+        return sorted(p.name for p in self.crashpoints.iterdir()) if self.crashpoints else []
 
     def status(self) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/api/status", timeout=5) as r:
+            with urllib.request.urlopen(f"{self.base_url}/api/status", timeout=5) as r:
                 result: dict[str, Any] = json.load(r)
                 return result
         except (urllib.error.URLError, OSError, ValueError):
@@ -242,6 +273,9 @@ def make_box(folder: Path, shop: Shop, channel: str, mqtt_port: int, uv_cache: P
         cache_dir = "{uv_cache}"
         window = "{window}"
         """))
+    if options.pop("crashpoints", False):
+        options["crashpoints"] = folder / "crashpoints"
+        options["crashpoints"].mkdir()
     return Box(root, config, http_port, mqtt_port, device, **options)
 
 

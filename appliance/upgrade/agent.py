@@ -43,6 +43,7 @@ from appliance_launcher.state import Layout, Request, StateError, Trial
 from appstore_client.client import AppStore, version_key
 from appstore_client.errors import CatalogError
 from appstore_client.fetcher import ResumableFetcher
+from common import crashpoint
 from common.files import fsync_dir, write_atomically
 from formats.channel import ChannelDoc, UpgradeReport
 from formats.errors import FormatError
@@ -370,11 +371,13 @@ class Upgrader:
         self.state, self.reason = "switching", ""
         snapshot = layout.upgrade / f"snapshot-{__version__}.db"
         taken = snapshot_db(self._settings.db_path, snapshot)
+        crashpoint.reached("upgrade.snapshot")
         serving = sorted(n for n, s in self._app_states().items() if s.state == "serving")
         layout.write_request(Request(version=version, from_version=__version__, db=str(self._settings.db_path),
                                      snapshot=str(snapshot), snapshot_time=taken,
                                      appstore_reachable=self._appstore_reached(), serving_apps=serving))
         self._audit("upgrade.switch", version, snapshot=str(snapshot), serving=serving)
+        crashpoint.reached("upgrade.switch")
         log.warning("switching to appliance %s: stopping %s for the launcher to start it", version, __version__)
         self._restart()
 

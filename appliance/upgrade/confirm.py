@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from appliance_launcher.state import Layout, Trial
+from common import crashpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class HealthConfirmation:
         while True:
             problems = await self._problems(self._trial)
             if not problems:
+                crashpoint.reached("upgrade.confirm")
                 await asyncio.to_thread(self._layout.confirm, self._trial.version, self._boot)
                 log.info("appliance %s confirmed its health to the launcher", self._trial.version)
                 self._on_confirmed()
