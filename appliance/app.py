@@ -52,7 +52,7 @@ from appliance.runtime.supervisor import WorkerSupervisor
 from appliance.samples.capture import SampleCapture
 from appliance.samples.spool import Spool
 from appliance.samples.uploader import Uploader
-from appliance.settings import Settings
+from appliance.settings import Settings, use_timezone
 from appliance.stats import Stats
 from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus, UpgradeStatus
 from appliance.store import Store
@@ -457,4 +457,5 @@ def run(settings: Settings, ready: Callable[[Daemon], None] | None = None,
         before_stop: Callable[[], None] | None = None, config_file: Path | None = None) -> int:
     """Run the daemon until SIGINT or SIGTERM (or a switch to another release); ``ready`` is called once it
     serves, ``before_stop`` first thing on the way out. Returns the exit code (RESTART_EXIT for a switch)."""
+    use_timezone(settings)
     return asyncio.run(_serve(settings, ready, before_stop, config_file))

@@ -72,10 +72,14 @@ def _time(ts: float | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from appliance.settings import use_timezone
+
+    settings = _settings(args)
+    use_timezone(settings)  # before the console is imported: it reads the zone once
+
     from appliance.app import run
     from appliance.logs import setup_logging
 
-    settings = _settings(args)
     setup_logging(settings.log_level)
     path = args.config or os.environ.get("APPLIANCE_CONFIG")
     return run(settings, config_file=Path(path).resolve() if path else None)
@@ -307,7 +311,13 @@ def _os_user() -> str:
 
 def cmd_users(args: argparse.Namespace) -> int:
     from appliance.auth import Accounts, check_user_name
+    from appliance.auth.passwords import check_password, hash_password
 
+    if args.action == "hash-password":  # for a site configuration (provision site make): no store needed
+        password = _read_password(args, args.name or "the site admin")
+        check_password(password, args.name or "admin")
+        print(hash_password(password))
+        return 0
     settings = _settings(args)
     with _store(settings) as store:
         accounts = Accounts(store)
@@ -334,6 +344,48 @@ def cmd_users(args: argparse.Namespace) -> int:
             for u in rows:
                 print(f"{u.name:<24} {u.role:<9} {u.language:<3} {'disabled' if u.disabled else 'enabled '}  "
                       f"created {_time(u.created)}")
+    return 0
+
+
+def _config_file(args: argparse.Namespace) -> Path:
+    path = args.config or os.environ.get("APPLIANCE_CONFIG")
+    if not path:
+        raise ApplianceError("give the settings file the daemon runs with: --config FILE (or APPLIANCE_CONFIG); "
+                             "provisioning writes the site's settings into it")
+    return Path(path)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from appliance.logs import setup_logging
+    from appliance.provision import agent
+
+    settings = _settings(args)
+    setup_logging("INFO")
+    a = agent(_config_file(args), settings, list(args.usb) if args.usb else None)
+    state = a.run(wait=not args.once, timeout_s=args.timeout)
+    last = state.steps[-1] if state.steps else None
+    if state.state == "provisioned":
+        print(f"provisioned: {state.device_id} ({state.site or 'no site name'}), configuration version "
+              f"{state.version} from {state.owner_name}; start the appliance (appliance run)")
+        return 0
+    print(f"not provisioned yet ({state.state}): {last.step + ': ' + last.message if last else 'nothing found'}",
+          file=sys.stderr)
+    return 3
+
+
+def cmd_factory_reset(args: argparse.Namespace) -> int:
+    from appliance.provision import factory_reset
+
+    settings = _settings(args)
+    if not args.yes:
+        raise ApplianceError(f"this removes the site's database, models, samples and settings under "
+                             f"{settings.state_dir} (the factory identity stays); run again with --yes")
+    with contextlib.suppress(DaemonUnreachable):
+        _fetch_status(settings)
+        raise ApplianceError("the appliance is running; stop it before a factory reset")
+    removed = factory_reset(_config_file(args), settings)
+    print(f"factory reset: removed {', '.join(removed) or 'nothing'}; the box provisions itself again at its next "
+          "start (appliance provision)")
     return 0
 
 
@@ -399,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in (uadd, upw):
         parser.add_argument("--password-stdin", action="store_true",
                             help="read the password from the first line of standard input (for scripts)")
+    uhash = usub.add_parser("hash-password", help="print a password hash for a site configuration (site.toml's "
+                            "[admin] password_hash), without adding a user")
+    uhash.add_argument("name", nargs="?", default="", help="whose password (checked against the name)")
+    uhash.add_argument("--password-stdin", action="store_true", help="read it from standard input")
     usub.add_parser("list", help="list users")
     urm = usub.add_parser("remove", help="remove a user with their sessions and API tokens")
     urm.add_argument("name")
@@ -408,6 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("action", nargs="?", default="status", choices=["status", "check", "apply", "postpone", "rollback"])
     up.add_argument("--hours", type=float, default=24.0, help="postpone: no switch for this many hours (default 24)")
     up.set_defaults(func=cmd_upgrade)
+
+    prov = sub.add_parser("provision", help="zero-touch provisioning: find, verify and apply the owner's signed "
+                          "site configuration, then enrol (the first-boot unit runs this)")
+    prov.add_argument("--usb", action="append", help="where to look for a USB stick (glob; default: the factory's)")
+    prov.add_argument("--once", action="store_true", help="look once and exit (3 when not provisioned)")
+    prov.add_argument("--timeout", type=float, help="give up after this many seconds (exit 3)")
+    prov.set_defaults(func=cmd_provision)
+
+    reset = sub.add_parser("factory-reset", help="wipe the site's state and settings; keep the factory identity")
+    reset.add_argument("--yes", action="store_true", help="really do it")
+    reset.set_defaults(func=cmd_factory_reset)
 
     demo = sub.add_parser("demo", help="run the daemon with demo models, simulated cameras and a gas sensor")
     demo.set_defaults(func=cmd_demo)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.errors import ConfigError
 from formats.app_manifest import SamplePolicyOverride
@@ -230,6 +232,7 @@ class Settings(_Section):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "appliance")
     state_dir: Path = Path(".appliance")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    timezone: str = ""  # IANA name (e.g. Asia/Shanghai) for local times (window, console); "" keeps the system's
     broker: BrokerSettings = BrokerSettings()
     topics: TopicSettings = TopicSettings()
     http: HttpSettings = HttpSettings()
@@ -244,6 +247,17 @@ class Settings(_Section):
     upgrade: UpgradeSettings = UpgradeSettings()
     # "auto": one partition per MIG instance, whole GPUs otherwise, the remaining CPU cores as one CPU partition
     partitions: Literal["auto"] | list[PartitionSettings] = "auto"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        if value:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a time zone this system knows; use an IANA name such as "
+                                 "Asia/Shanghai or Europe/Berlin") from None
+        return value
 
     @model_validator(mode="after")
     def _unique_partition_names(self) -> Settings:
@@ -284,10 +298,11 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, table by table (a key in both tables of the same name: ``top``'s value)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -315,7 +330,15 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             raise ConfigError(f"{path}: not valid TOML: {e}") from e
     env = _env_overrides(environ)
     try:
-        return Settings.model_validate(_merge(data, env))
+        return Settings.model_validate(merge_trees(data, env))
     except ValidationError as e:
         detail = describe_validation_error(e, lambda key: _origin(key, env, path), docs="docs/configuration.md")
         raise ConfigError("invalid settings:\n  " + detail.replace("\n", "\n  ")) from e
+
+
+def use_timezone(settings: Settings) -> None:
+    """Make ``settings.timezone`` this process's local time (the maintenance window, the console's times);
+    call it before the console is imported, which reads the zone once."""
+    if settings.timezone:
+        os.environ["TZ"] = settings.timezone
+        time.tzset()

@@ -26,7 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from appstore import catalog, channels
-from appstore.errors import AppStoreError, ChannelError
+from appstore.bootstrap import Bootstrap
+from appstore.errors import AppStoreError, BadRequest, ChannelError
 from appstore.fleet import Fleet
 from appstore.layout import Expiry
 from appstore.repository import ROOT_WARNING, Repository
@@ -35,6 +36,7 @@ from appstore.view import fleet_view
 from formats import FormatError
 from formats.model_card import NAME_PATTERN, VERSION_PATTERN
 from formats.sample import REASONS
+from provisioning.identity import common_name
 
 DEFAULT_REPO = "appstore-repo"
 
@@ -228,6 +230,34 @@ def cmd_admin_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_makers(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    boot = Bootstrap(repo.layout.folder, _fleet(repo))
+    if args.action == "add":
+        path = Path(args.ca)
+        try:
+            name = boot.trust_maker(path.read_bytes(), str(path))
+        except OSError as e:
+            raise BadRequest(f"{path}: cannot read: {e.strerror}") from e
+        print(f"boxes made by {name} may now fetch their provisioning bundles and enrol")
+    else:
+        for ca in boot.makers():
+            print(common_name(ca))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    path = Path(args.bundle)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadRequest(f"{path}: cannot read: {e.strerror}") from e
+    c = Bootstrap(repo.layout.folder, _fleet(repo)).register(raw, str(path)).conveyed
+    print(f"registered box {c.serial} as {c.device_id} (version {c.version}, channel {c.appstore.channel})")
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     repo = _repo(args)
     view = Inbox(repo.layout, _fleet(repo)).view(args.device, args.reason, args.limit)
@@ -329,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     adm = sub.add_parser("admin-token", help="make a token for GET /v1/devices and print it once")
     adm.add_argument("--note", help="what the token is for")
     adm.set_defaults(func=cmd_admin_token)
+
+    mk = sub.add_parser("makers", help="maker CAs whose boxes may fetch provisioning bundles and enrol")
+    mksub = mk.add_subparsers(dest="action", required=True)
+    mksub.add_parser("add", help="trust a maker's CA certificate (ca.pem from provision maker init)").add_argument("ca")
+    mksub.add_parser("list", help="list the trusted makers")
+    mk.set_defaults(func=cmd_makers)
+
+    bs = sub.add_parser("bootstrap", help="zero-touch provisioning: register a box's bundle for it to fetch")
+    bssub = bs.add_subparsers(dest="action", required=True)
+    bssub.add_parser("add", help="register a provisioning.json (from provision site make)").add_argument("bundle")
+    bs.set_defaults(func=cmd_bootstrap)
 
     smp = sub.add_parser("samples", help="the hard samples the devices sent (newest first), with counts")
     smp.add_argument("--device", help="only this device's")

@@ -1,4 +1,5 @@
-"""The fleet registry in ``DIR/fleet.db`` (SQLite, WAL): devices and their token hashes, admin tokens, each
+"""The fleet registry in ``DIR/fleet.db`` (SQLite, WAL): devices (with the serial of a box that enrolled itself)
+and their token hashes, admin tokens, each
 device's last report, when each rollout started and ended, and the index of the samples in the inbox.
 
 Tokens are shown once when made and stored only as sha256. The CLI and the server both open the file;
@@ -31,7 +32,7 @@ BUSY_TIMEOUT_S = 10.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, grp TEXT NOT NULL, channel TEXT NOT NULL,
-    created REAL NOT NULL);
+    created REAL NOT NULL, serial TEXT);
 CREATE TABLE IF NOT EXISTS admin_tokens (token_sha256 TEXT PRIMARY KEY, note TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS reports (
     device TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE, received REAL NOT NULL, body TEXT NOT NULL);
@@ -86,6 +87,9 @@ class Fleet:
         with closing(self._open()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(devices)")}
+            if "serial" not in columns:  # a fleet.db from before zero-touch enrolment
+                db.execute("ALTER TABLE devices ADD COLUMN serial TEXT")
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -124,6 +128,31 @@ class Fleet:
                                  f"first with: appstore devices remove {device_id}")
             db.execute("INSERT INTO devices (id, token_sha256, grp, channel, created) VALUES (?, ?, ?, ?, ?)",
                        (device_id, _hash(token), group, channel, time.time()))
+        return token
+
+    def enrol(self, device_id: str, serial: str, group: str, channel: str) -> str:
+        """Register the box ``serial`` as ``device_id`` (zero-touch enrolment); returns a new token.
+
+        Idempotent: the same box enrolling again (a retry after a lost answer, a re-provisioned box) keeps
+        its device and gets a new token, which makes the old one invalid. A device id that another box, or
+        an operator's `devices add`, holds already is refused.
+        """
+        token = secrets.token_urlsafe(32)
+        with self._write() as db:
+            row = db.execute("SELECT serial FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if row is not None and row[0] != serial:
+                raise FleetError(f"device id {device_id} belongs to another device in this fleet"
+                                 f"{f' (box {row[0]})' if row[0] else ' (registered with devices add)'}; give this "
+                                 "box another device_id in its site configuration")
+            other = db.execute("SELECT id FROM devices WHERE serial = ? AND id != ?", (serial, device_id)).fetchone()
+            if other is not None:  # re-provisioned under a new name: the old name goes
+                db.execute("DELETE FROM devices WHERE id = ?", (other[0],))
+            if row is None:
+                db.execute("INSERT INTO devices (id, token_sha256, grp, channel, created, serial) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (device_id, _hash(token), group, channel, time.time(), serial))
+            else:
+                db.execute("UPDATE devices SET token_sha256 = ?, grp = ?, channel = ? WHERE id = ?",
+                           (_hash(token), group, channel, device_id))
         return token
 
     def remove_device(self, device_id: str) -> None:

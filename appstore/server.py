@@ -4,7 +4,9 @@
 requests on targets, so an appliance can resume a download). ``POST /v1/devices/{id}/status`` takes a
 device's report and lets the rollout guard judge it; ``GET /v1/devices`` is the fleet view for operators.
 ``PUT /v1/devices/{id}/samples/{sample_id}`` is the sample inbox (docs/samples.md), ``GET /v1/samples`` its
-listing for operators.
+listing for operators. ``PUT /v1/bootstrap/{serial}`` registers a box's provisioning bundle (admins);
+``POST /v1/bootstrap/{serial}`` hands it to the box and ``POST /v1/enrol`` enrols it, each for a proof of
+the box's factory identity (docs/provisioning.md).
 Every error is JSON ``{"error": "..."}`` that says what to do. The server holds the online keys in
 ``DIR/keys`` to re-sign a channel when it halts a rollout; it never needs the root keys.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -29,6 +31,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
 
 from appstore import guard
+from appstore.bootstrap import Bootstrap, NotRegistered
 from appstore.errors import AppStoreError, BadRequest, Forbidden, RepoError, TooLarge, Unauthorized
 from appstore.fleet import Fleet
 from appstore.repository import Repository
@@ -36,13 +39,15 @@ from appstore.samples import Inbox, InboxLimits, check_sample_id
 from appstore.view import fleet_view
 from formats.channel import DeviceReport
 from formats.errors import describe_validation_error
+from formats.provisioning import MAX_BUNDLE_BYTES, DeviceProof, Enrolment
 
 log = logging.getLogger("appstore.server")
 
 MAX_REPORT_BYTES = 64 * 1024  # a report is a few hundred bytes; anything far larger is refused
+MAX_PROOF_BYTES = 16 * 1024  # a device proof: a certificate and a signature
 
 _STATUS: list[tuple[type[AppStoreError], int]] = [
-    (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400), (TooLarge, 413), (RepoError, 500), (AppStoreError, 409)]
+    (NotRegistered, 404), (Unauthorized, 401), (Forbidden, 403), (BadRequest, 400), (TooLarge, 413), (RepoError, 500), (AppStoreError, 409)]
 
 
 def _bearer(request: Request, who: str) -> str:
@@ -55,10 +60,18 @@ def _bearer(request: Request, who: str) -> str:
 class FleetApi:
     """The fleet routes' logic, kept apart from FastAPI so it reads as plain calls."""
 
-    def __init__(self, repo: Repository, fleet: Fleet, inbox: Inbox) -> None:
+    def __init__(self, repo: Repository, fleet: Fleet, inbox: Inbox, bootstrap: Bootstrap) -> None:
         self.repo = repo
         self.fleet = fleet
         self.inbox = inbox
+        self.bootstrap = bootstrap
+
+    def register(self, token: str, serial: str, raw: bytes) -> dict[str, Any]:
+        self.authenticate_admin(token)
+        verified = self.bootstrap.register(raw, f"the bundle for {serial}", serial)
+        c = verified.conveyed
+        log.info("provisioning bundle registered for box %s (%s, version %d)", serial, c.device_id, c.version)
+        return {"serial": serial, "device_id": c.device_id, "version": c.version, "channel": c.appstore.channel}
 
     def authenticate_device(self, device_id: str, token: str) -> None:
         """Let through only ``device_id``'s own token: 401 when it is no device's, 403 when another's."""
@@ -108,6 +121,23 @@ class FleetApi:
         return self.inbox.view(device or None, reason or None, count)
 
 
+async def _capped_body(request: Request, cap: int, what: str) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise TooLarge(f"{what} is at most {cap} bytes")
+    return body
+
+
+def _proof(raw: bytes) -> DeviceProof:
+    try:
+        return DeviceProof.model_validate_json(raw)
+    except ValidationError as e:
+        raise BadRequest(describe_validation_error(e, "device proof", docs="docs/provisioning.md").replace("\n", "; ")
+                         ) from e
+
+
 async def _multipart(request: Request, limits: InboxLimits) -> FormData:
     """The request's parts, refusing (413) a body larger than the inbox takes before or while it is read."""
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -153,7 +183,8 @@ def build_app(folder: Path, inbox_limits: InboxLimits | None = None) -> FastAPI:
     repo = Repository(folder)
     fleet = Fleet(repo.layout.fleet_db)
     inbox = Inbox(repo.layout, fleet, inbox_limits)
-    api = FleetApi(repo, fleet, inbox)
+    bootstrap = Bootstrap(folder, fleet)
+    api = FleetApi(repo, fleet, inbox, bootstrap)
     app = FastAPI(title="AppStore", docs_url=None, redoc_url=None)
 
     @app.exception_handler(AppStoreError)
@@ -201,6 +232,26 @@ def build_app(folder: Path, inbox_limits: InboxLimits | None = None) -> FastAPI:
             return JSONResponse({"stored": True}, status_code=201)
         return JSONResponse({"stored": False, "duplicate": True}, status_code=200)
 
+    @app.put("/v1/bootstrap/{serial}")
+    async def put_bootstrap(serial: str, request: Request) -> dict[str, Any]:
+        token = _bearer(request, "an admin token (made by: appstore admin-token)")
+        raw = await _capped_body(request, MAX_BUNDLE_BYTES, "a provisioning bundle")
+        result: dict[str, Any] = await run_in_threadpool(api.register, token, serial, raw)
+        return result
+
+    @app.post("/v1/bootstrap/{serial}")
+    async def post_bootstrap(serial: str, request: Request) -> Response:
+        proof = _proof(await _capped_body(request, MAX_PROOF_BYTES, "a device proof"))
+        bundle: bytes = await run_in_threadpool(bootstrap.bundle_for, serial, proof)
+        return Response(bundle, media_type="application/json")
+
+    @app.post("/v1/enrol")
+    async def post_enrol(request: Request) -> dict[str, Any]:
+        proof = _proof(await _capped_body(request, MAX_PROOF_BYTES, "a device proof"))
+        enrolment: Enrolment = await run_in_threadpool(bootstrap.enrol, proof)
+        log.info("box enrolled as %s on channel %s", enrolment.device_id, enrolment.channel)
+        return enrolment.model_dump()
+
     @app.get("/v1/samples")
     async def get_samples(request: Request) -> dict[str, Any]:
         token = _bearer(request, "an admin token (made by: appstore admin-token)")
@@ -218,5 +269,5 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8600) -> None:
     import uvicorn
 
     app = build_app(folder)
-    print(f"serving {folder} at http://{host}:{port}/  (metadata/, targets/, /v1/devices, /v1/samples)", flush=True)
+    print(f"serving {folder} at http://{host}:{port}/  (metadata/, targets/, /v1/devices, /v1/samples, /v1/bootstrap, /v1/enrol)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

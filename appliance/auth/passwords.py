@@ -91,6 +91,11 @@ def _parse(encoded: str) -> tuple[ScryptParams, bytes, bytes] | None:
     return params, raw_salt, raw_key
 
 
+def is_password_hash(encoded: str) -> bool:
+    """Whether ``encoded`` is a hash this module makes and verifies (e.g. one from site provisioning)."""
+    return _parse(encoded) is not None
+
+
 def verify_password(password: str, encoded: str) -> bool:
     """Whether ``password`` matches the hash; compared in constant time. A malformed hash never matches."""
     parsed = _parse(encoded)

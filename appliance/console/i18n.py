@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gettext
 import io
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import cache
@@ -123,8 +124,9 @@ class Localizer:
 
 
 def local_timezone() -> tzinfo:
-    """The box's own time zone (site staff read local time), UTC if it has none configured."""
+    """The box's own time zone (site staff read local time): the ``timezone`` setting (which the daemon puts in
+    ``TZ``), else the system's, else UTC."""
     try:
-        return get_timezone(None)
+        return get_timezone(os.environ.get("TZ") or None)
     except LookupError:
         return UTC

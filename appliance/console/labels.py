@@ -29,6 +29,12 @@ LABELS: dict[str, str] = {
     "installing": N_("Installing"), "testing": N_("Testing"), "switching": N_("Switching"),
     "confirming": N_("Checking the new software"), "upgraded": N_("Up to date"), "rolled back": N_("Rolled back"),
     "confirmed": N_("Confirmed"), "rollback": N_("Rolled back by an admin"),
+    # provisioning
+    "unprovisioned": N_("Not provisioned"), "applied": N_("Configured, enrolling"), "provisioned": N_("Provisioned"),
+    "find": N_("Looking for the configuration"), "bundle": N_("Provisioning bundle"),
+    "voucher": N_("Ownership voucher"), "owner certificate": N_("Owner certificate"),
+    "conveyed information": N_("Site configuration"), "settings": N_("Settings"), "apply": N_("Applying"),
+    "enrol": N_("Enrolment"),
     # roles
     "admin": N_("admin"), "operator": N_("operator"), "viewer": N_("viewer"),
     # sources

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,6 +23,9 @@ from appliance.http.security import console, optional_user
 from appliance.status import DaemonStatus
 from appliance.store import EventRecord, HandlingRecord, NotFound
 from appstore_client.client import version_key
+from formats.provisioning import ProvisionState
+from provisioning.agent import load_state
+from provisioning.errors import ProvisioningError
 
 router = APIRouter(include_in_schema=False)
 
@@ -172,7 +176,15 @@ def system(who: PageViewer, request: Request) -> Response:
     audit = ctx.store.audit_log.recent(limit=100) if who.allows("admin") else []
     level, reason = health(status)
     return render(request, "system.html", who, status=status, disk=disk, audit=audit, level=level, reason=reason,
-                  link=status.appstore)
+                  link=status.appstore, provisioning=provision_state(ctx.snapshots_dir.parent))
+
+
+def provision_state(state_dir: Path) -> ProvisionState | None:
+    """How this box was provisioned (``appliance provision``'s record), None if it never was or it is unreadable."""
+    try:
+        return load_state(state_dir / "provisioning" / "state.json")
+    except ProvisioningError:
+        return None
 
 
 @router.get("/users", response_class=HTMLResponse)
