@@ -347,11 +347,15 @@ class Appliance:
             raise BenchError(f"appliance {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout
 
-    def start(self) -> None:
-        """Start the daemon and wait until it reports itself healthy."""
+    def start(self, wait: bool = True) -> None:
+        """Start the daemon and (with ``wait``) wait until it reports itself healthy."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config)],
                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
         wait_until(self._healthy, START_TIMEOUT_S, f"daemon health (log: {self.log_path})", interval=0.1)
 
     def _healthy(self) -> bool:

@@ -122,10 +122,14 @@ class Runner:
             if executors > 1 else None
         self._pool_layouts = [(p.processes, p.threads, p.loops) for p in pools.values()]
         s = C.Systems(pools, same, alone)
+        started = []
         for name, port in ((C.APPLIANCE, broker.port), (C.EMBEDDED, None))[: 2 if embedded else 1]:
             daemon = stack.enter_context(Appliance(ctx.workdir, broker_port=port, extra=extra))
             S.install_bench_app(ctx, daemon)
-            daemon.start()
+            daemon.start(wait=False)  # both start side by side: each waits on its own imports and model load
+            started.append((name, port, daemon))
+        for name, port, daemon in started:
+            daemon.wait_healthy()
             wait_until(lambda daemon=daemon: daemon.serving("bench"), S.SERVE_TIMEOUT_S,  # type: ignore[misc]
                        f"the bench app serving ({name})")
             client = stack.enter_context(LoadClient(daemon.mqtt_port, daemon.results_topic, ctx.frames,
