@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 FOLDER = "provisioning"
 SET_BY_CONVEYED = ("device_id", "state_dir", "appstore", "timezone")  # keys the conveyed information sets itself
 ACTOR = "provisioning"
+# what a factory reset keeps in the state folder: the factory identity, and the installed software (the
+# launcher's releases, links, wheel store, uv cache and history), which is the box's, not the site's
+KEPT_BY_RESET = frozenset({FACTORY_FOLDER, "releases", "current", "previous", "wheels", "cache", "launcher.json",
+                           "launcher.child"})
 
 
 def proof(factory: Factory, purpose: Purpose) -> DeviceProof:
@@ -191,8 +195,9 @@ def agent(config_file: Path, settings: Settings, usb: list[str] | None = None) -
 
 
 def factory_reset(config_file: Path, settings: Settings) -> list[str]:
-    """Wipe the site's state (database, models, snapshots, samples, releases' data, provisioning) and put the
-    factory's settings back; the factory identity stays. Returns what was removed."""
+    """Wipe the site's state (database, models, snapshots, samples, upgrade snapshots, provisioning) and put
+    the factory's settings back; the factory identity and the installed releases stay. Returns what was
+    removed."""
     state = settings.state_dir.resolve()
     if not (state / FACTORY_FOLDER / "factory.json").is_file():
         raise ApplianceError(f"{state} holds no factory identity; factory-reset keeps one and there is none here")
@@ -200,7 +205,7 @@ def factory_reset(config_file: Path, settings: Settings) -> list[str]:
     original = factory_settings.read_bytes() if factory_settings.is_file() else None
     removed = []
     for entry in sorted(state.iterdir()):
-        if entry.name == FACTORY_FOLDER:
+        if entry.name in KEPT_BY_RESET:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

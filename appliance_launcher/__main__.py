@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from appliance_launcher.launcher import Options, main_loop
+from appliance_launcher.launcher import RESTART_MAX_S, Options, main_loop
+from common.backoff import Backoff
 
 DEFAULT_ROOT = "/var/lib/appliance"
 
@@ -26,13 +27,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="seconds after each start within which it must confirm (default 180)")
     p.add_argument("--stop-grace", type=float, default=30.0, metavar="SECONDS",
                    help="seconds a release gets to stop after SIGTERM (default 30)")
+    p.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds before starting a release that crashed again, doubling with each crash in a row "
+                        "up to 30 (default 1)")
     args = p.parse_args(argv)
-    if args.tries < 1 or args.confirm_within <= 0 or args.stop_grace <= 0:
-        p.error("--tries must be at least 1, --confirm-within and --stop-grace above 0")
+    if args.tries < 1 or args.confirm_within <= 0 or args.stop_grace <= 0 or args.restart_delay <= 0:
+        p.error("--tries must be at least 1, --confirm-within, --stop-grace and --restart-delay above 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     return main_loop(Options(root=Path(args.root).resolve(), config=Path(args.config).resolve() if args.config else None,
-                             tries=args.tries, confirm_within_s=args.confirm_within, stop_grace_s=args.stop_grace))
+                             tries=args.tries, confirm_within_s=args.confirm_within, stop_grace_s=args.stop_grace,
+                             restart=Backoff(base_s=args.restart_delay, max_s=RESTART_MAX_S, jitter=0.0)))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ POLL_S = 0.2  # how often the launcher looks at its child and the confirmation
 _PR_SET_PDEATHSIG = 1
 
 
+RESTART_MAX_S = 30.0  # the longest wait before starting a crashing release again
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     root: Path
@@ -54,7 +57,7 @@ class Options:
     tries: int = 3  # starts a release on trial gets to confirm its health
     confirm_within_s: float = 180.0  # seconds after each start
     stop_grace_s: float = 30.0  # seconds a release gets to stop after SIGTERM before SIGKILL
-    restart: Backoff = field(default_factory=lambda: Backoff(base_s=1.0, max_s=30.0, jitter=0.0))  # a confirmed release that exits
+    restart: Backoff = field(default_factory=lambda: Backoff(base_s=1.0, max_s=RESTART_MAX_S, jitter=0.0))  # a confirmed release that exits
 
 
 class NoRelease(Exception):

@@ -28,7 +28,8 @@ from cryptography import x509
 from appstore.errors import AppStoreError, BadRequest, FleetError, Forbidden
 from appstore.fleet import Fleet
 from common.files import write_atomically
-from formats.provisioning import DeviceProof, Enrolment, Purpose, proof_message
+from formats.errors import FormatError
+from formats.provisioning import DeviceProof, Enrolment, ProvisioningBundle, Purpose, proof_message
 from provisioning.errors import ProvisioningError, Refused
 from provisioning.identity import common_name, issued_by, load_certificate, serial_of, valid_now, verify_signature
 from provisioning.verify import Verified, verify_bundle
@@ -142,9 +143,6 @@ class Bootstrap:
 
 def _serial_in(raw: bytes) -> str:
     """The serial a bundle says it is for (verified against the voucher and the conveyed information after)."""
-    from formats.errors import FormatError
-    from formats.provisioning import ProvisioningBundle
-
     try:
         return ProvisioningBundle.parse(raw, "the bundle").serial
     except FormatError as e:

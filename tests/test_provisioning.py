@@ -464,6 +464,8 @@ def test_enrolment_and_bootstrap_refuse_a_box_that_cannot_prove_its_factory_iden
 def test_a_factory_reset_wipes_the_site_and_keeps_the_factory_identity(tmp_path: Path, office: Office) -> None:
     box = blank_box(tmp_path, office)
     factory = factory_settings(box)
+    (box.state / "releases" / "0.1.0").mkdir(parents=True)  # the software the launcher runs is the box's
+    (box.state / "current").symlink_to("releases/0.1.0")
     stick(box, site_bundle(office, box))
     ok(office.shop.repo, "bootstrap", "add", str(box.usb / "appliance" / box.serial / "provisioning.json"))
     assert box.look().state == "provisioned"
@@ -471,5 +473,5 @@ def test_a_factory_reset_wipes_the_site_and_keeps_the_factory_identity(tmp_path:
     r = appliance(box.config, "factory-reset", "--yes")
     assert r.returncode == 0, r.stderr
     assert box.config.read_bytes() == factory
-    assert sorted(p.name for p in box.state.iterdir()) == ["factory"]
+    assert sorted(p.name for p in box.state.iterdir()) == ["current", "factory", "releases"]
     assert box.look().state == "provisioned", "the box provisions itself again from the stick"

@@ -178,7 +178,8 @@ class Box:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "appliance_launcher", "--root", str(self.root), "--config", str(self.config),
-                 "--tries", str(self.tries), "--confirm-within", str(self.confirm_within_s), "--stop-grace", "20"],
+                 "--tries", str(self.tries), "--confirm-within", str(self.confirm_within_s), "--stop-grace", "20",
+                 "--restart-delay", "0.2"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 env=dict(os.environ, **({crashpoint.ENV: str(self.crashpoints)} if self.crashpoints else {})))
 

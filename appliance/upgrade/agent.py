@@ -348,6 +348,7 @@ class Upgrader:
             args += ["--config", str(self._config_file)]
         for m in models:
             args += ["--model", m]
+        crashpoint.reached("upgrade.selftest")  # the crash tests: killed with the copy of the database made
         try:
             r = subprocess.run(args, capture_output=True, text=True, timeout=SELFTEST_TIMEOUT_S, check=False,
                                cwd=self._settings.state_dir)

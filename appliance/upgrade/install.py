@@ -24,6 +24,7 @@ from pathlib import Path
 from appliance.upgrade.errors import InstallFailed
 from appliance_launcher.state import Layout
 from appstore_client.client import version_key
+from common import crashpoint
 from common.files import write_atomically
 from formats.errors import FormatError
 from formats.release import ReleaseFile, ReleaseManifest, matches
@@ -121,6 +122,7 @@ def install_release(layout: Layout, manifest: ReleaseManifest, python: Path, cac
         _run([uv, "pip", "install", "--quiet", "--python", str(folder / "bin" / "python"), "--no-index", "--no-deps",
               "--link-mode", "hardlink", *(str(wheel_path(layout, f)) for f in manifest.files)], cache_dir,
              f"installing the wheels of {manifest.version}")
+        crashpoint.reached("upgrade.install")  # the crash tests: killed with a half-made release on disk
         if not (folder / "bin" / "appliance").is_file():
             raise InstallFailed(f"release {manifest.version} has no bin/appliance after install: its "
                                 f"{manifest.appliance_wheel.name} is not an appliance wheel")
