@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import time
 import urllib.error
@@ -29,11 +28,11 @@ from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
 from appliance.console.diagnostics import build_bundle
 from appliance.console.install import install_console
-from appliance.errors import ApplianceError, ConfigError
 from appliance.events import EventSink
 from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
 from appliance.giveback import GiveBack
 from appliance.http.context import Console
+from appliance.http.listen import bind_http, check_tls, http_server
 from appliance.http.live import LiveFeed
 from appliance.http.security import is_loopback
 from appliance.http.server import build_app
@@ -173,11 +172,11 @@ class Daemon:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self._check_tls()
+        check_tls(s.http)
         if self.layout is not None and s.db_path.exists():
             await asyncio.to_thread(take_carry, self.layout, s.db_path)  # after a rollback: the failed release's rows
         self.store = Store(s.db_path)
-        sock = self._bind_http()
+        sock = bind_http(s.http)
         self._http_port = sock.getsockname()[1]
         if self.broker is not None:
             self.broker.start()
@@ -209,11 +208,7 @@ class Daemon:
         console.sync_now = lambda: self.sync_loop.nudge() if self.sync_loop else None
         console.samples = self.samples
         app = build_app(self.status, self.metrics, self.healthy, console, pages=install_console)
-        # proxy_headers off: the client address (rate limits, audit) is the socket's, never a header's
-        self._http = uvicorn.Server(uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False, server_header=False,
-            timeout_graceful_shutdown=5,
-            ssl_certfile=str(h.tls_cert) if h.tls_cert else None, ssl_keyfile=str(h.tls_key) if h.tls_key else None))
+        self._http = http_server(app, h)
         self._tasks = [
             asyncio.create_task(self._http.serve(sockets=[sock]), name="http"),
             self._every(CONFIG_POLL_S, self._reload, "config-watch"),
@@ -261,33 +256,6 @@ class Daemon:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
-
-    def _check_tls(self) -> None:
-        """Load the certificate and key once before anything starts, so a bad pair stops the daemon with a
-        message that names the files rather than failing inside the server task."""
-        h = self.settings.http
-        if h.tls_cert is None or h.tls_key is None:
-            return
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(h.tls_cert, h.tls_key)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot use http.tls_cert {h.tls_cert} with http.tls_key {h.tls_key}: {e}; give a PEM "
-                              "certificate (chain) and its private key, readable by the daemon") from e
-
-    def _bind_http(self) -> socket.socket:
-        h = self.settings.http
-        family = socket.AF_INET6 if ":" in h.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((h.host, h.port))
-        except OSError as e:
-            sock.close()
-            raise ApplianceError(f"cannot serve HTTP on {h.host}:{h.port}: {e.strerror}; is another daemon running? "
-                                 "Stop it or set http.port") from e
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
 
     async def _trial_problems(self, trial: Trial) -> list[str]:
         """What keeps this release, on trial, from confirming its health (empty: healthy)."""

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import getpass
 import json
+import logging
 import os
 import ssl
 import sys
@@ -356,13 +357,21 @@ def _config_file(args: argparse.Namespace) -> Path:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    from appliance.console.firstboot import FirstBootPage
     from appliance.logs import setup_logging
     from appliance.provision import agent
 
     settings = _settings(args)
     setup_logging("INFO")
     a = agent(_config_file(args), settings, list(args.usb) if args.usb else None)
-    state = a.run(wait=not args.once, timeout_s=args.timeout)
+    page: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if not (args.once or args.no_page):
+        try:
+            page = FirstBootPage(settings.http, a.state_path, a.factory.serial)
+        except ApplianceError as e:
+            logging.getLogger("appliance.provision").warning("no first-boot page: %s", e)
+    with page:
+        state = a.run(wait=not args.once, timeout_s=args.timeout)
     last = state.steps[-1] if state.steps else None
     if state.state == "provisioned":
         print(f"provisioned: {state.device_id} ({state.site or 'no site name'}), configuration version "
@@ -470,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--usb", action="append", help="where to look for a USB stick (glob; default: the factory's)")
     prov.add_argument("--once", action="store_true", help="look once and exit (3 when not provisioned)")
     prov.add_argument("--timeout", type=float, help="give up after this many seconds (exit 3)")
+    prov.add_argument("--no-page", action="store_true", help="do not serve the read-only first-boot progress page "
+                      "on the console's address while provisioning")
     prov.set_defaults(func=cmd_provision)
 
     reset = sub.add_parser("factory-reset", help="wipe the site's state and settings; keep the factory identity")

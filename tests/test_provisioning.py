@@ -29,7 +29,9 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, expect
 
+from appliance.console.i18n import translations
 from appliance.demo.scene import render_frame
 from appliance.provision import agent, proof
 from appliance.settings import load_settings
@@ -40,6 +42,7 @@ from provisioning.factory import Factory
 from provisioning.identity import Identity, make_ca, make_device, make_owner, prove
 from tests.conftest import ROOT, Daemon, Publisher, Subscriber, free_port, new_daemon, wait_until
 from tests.test_appstore import ok
+from tests.test_console_browser import new_page
 from tests.test_sync import Shop, make_shop
 
 pytestmark = pytest.mark.slow
@@ -392,7 +395,8 @@ def _serve_on(port: int, repo: Path) -> uvicorn.Server:
     return server
 
 
-def test_an_appstore_not_there_at_first_boot_is_asked_again_until_it_answers(tmp_path: Path, office: Office) -> None:
+def test_an_appstore_not_there_at_first_boot_is_asked_again_until_it_answers_and_the_console_shows_the_wait(
+        tmp_path: Path, office: Office, browser: Browser) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     box = blank_box(tmp_path, office, bootstrap=url)
@@ -409,6 +413,16 @@ def test_an_appstore_not_there_at_first_boot_is_asked_again_until_it_answers(tmp
         wait_until(lambda: any(s.step == "find" and s.outcome == "waiting" and "cannot be reached" in s.message
                                for s in box.provision_state().steps), 60, interval=0.2,
                    what="the agent waiting for the AppStore")
+        # whoever opens the console's address meanwhile sees the wait and its reason, with no login
+        page = new_page(browser, box.daemon)
+        page.goto("/login")
+        expect(page.locator("h1")).to_have_text("This appliance is setting itself up")
+        expect(page.locator("#provisioning")).to_contain_text(box.serial)
+        expect(page.locator("#provisioning tbody")).to_contain_text("cannot be reached")
+        page.locator("form.lang button[value=zh]").click()
+        expect(page.locator("h1")).to_have_text(translations("zh").gettext("This appliance is setting itself up"))
+        assert page.locator("form[action='/login'], input[type=password]").count() == 0, "read-only: no forms"
+        page.context.close()
         server = _serve_on(port, office.shop.repo)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -419,6 +433,8 @@ def test_an_appstore_not_there_at_first_boot_is_asked_again_until_it_answers(tmp
     assert proc.returncode == 0, err
     assert box.provision_state().state == "provisioned"
     assert "cannot be reached" in err, "the wait was logged"
+    with pytest.raises(httpx.ConnectError):  # the address is free again for the console
+        httpx.get(box.daemon.base_url, timeout=5)
 
 
 def test_enrolment_and_bootstrap_refuse_a_box_that_cannot_prove_its_factory_identity(tmp_path: Path,

@@ -20,13 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from appliance import actions
 from appliance.auth import LoginFailed, NoUsersYet, Principal, TooManyAttempts
 from appliance.console.web import (
-    LANGUAGE_COOKIE,
     PageAdmin,
     PageOperator,
     PageViewer,
     back,
     language_choice,
     localizer,
+    remember_language,
     render,
     safe_next,
 )
@@ -45,7 +45,6 @@ router = APIRouter(include_in_schema=False)
 Short = Annotated[str, Form(max_length=200)]
 Note = Annotated[str, Form(max_length=2000)]
 Secret = Annotated[str, Form(max_length=1024)]
-LANGUAGE_COOKIE_S = 365 * 86400
 
 
 @router.post("/login")
@@ -61,8 +60,7 @@ def login(request: Request, user: Short, password: Secret, next: Short = "/") ->
                       error=kind, detail=str(e), name=user, lang=loc.language)
     response = back(safe_next(next))
     set_session_cookie(response, session, ctx.secure_cookies)
-    response.set_cookie(LANGUAGE_COOKIE, session.user.language, max_age=LANGUAGE_COOKIE_S, samesite="strict",
-                        secure=ctx.secure_cookies)
+    remember_language(response, session.user.language, ctx.secure_cookies)
     return response
 
 
@@ -86,8 +84,7 @@ def language(request: Request, who: Annotated[Principal | None, Depends(optional
     if who is not None and who.via == "session" and who.user.language != chosen:
         ctx.accounts.update_user(who.name, who.actor(client_address(request)), language=chosen)
     response = back(safe_next(next))
-    response.set_cookie(LANGUAGE_COOKIE, chosen, max_age=LANGUAGE_COOKIE_S, samesite="strict",
-                        secure=ctx.secure_cookies)
+    remember_language(response, chosen, ctx.secure_cookies)
     return response
 
 

@@ -29,6 +29,7 @@ from appliance.store import Role
 
 HERE = Path(__file__).parent
 LANGUAGE_COOKIE = "appliance_lang"  # the language of the login page, before anyone is logged in
+LANGUAGE_COOKIE_S = 365 * 86400
 NAV: tuple[tuple[str, str, Role], ...] = (
     ("/", "Overview", "viewer"),
     ("/alerts", "Alerts", "viewer"),
@@ -142,3 +143,8 @@ def error_page(request: Request, status_code: int, message: str, hint: str = "",
 
 def language_choice(value: str) -> Language | None:
     return value if value in LANGUAGES else None
+
+
+def remember_language(response: Response, language: str, secure: bool) -> None:
+    """The language of the pages seen before a login (a cookie, SameSite=Strict)."""
+    response.set_cookie(LANGUAGE_COOKIE, language, max_age=LANGUAGE_COOKIE_S, samesite="strict", secure=secure)
