@@ -32,7 +32,7 @@ bundle: $(STAMP)
 	$(BIN)/python -m image.bundle --out dist
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance appliance_launcher appstore appstore_client common formats image provisioning tests bench
+	$(BIN)/ruff check appliance appliance_launcher appstore appstore_client common formats image pki provisioning tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

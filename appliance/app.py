@@ -28,6 +28,7 @@ from appliance.auth import Accounts
 from appliance.broker import EmbeddedBroker
 from appliance.console.diagnostics import build_bundle
 from appliance.console.install import install_console
+from appliance.devices.broker import ManagedBroker
 from appliance.events import EventSink
 from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
 from appliance.giveback import GiveBack
@@ -54,7 +55,7 @@ from appliance.samples.uploader import Uploader
 from appliance.settings import Settings, use_timezone
 from appliance.stats import Stats
 from appliance.status import AppStatus, DaemonStatus, Health, SampleQuota, SyncStatus, UpgradeStatus
-from appliance.store import Store
+from appliance.store import Store, StoreError
 from appliance.sync import SyncLoop, make_sync
 from appliance.tasks import threadsafe
 from appliance.upgrade.carry import take_carry
@@ -81,6 +82,7 @@ class Daemon:
         self.started = time.time()
         self.store: Store | None = None
         self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
+        self.managed = ManagedBroker(s, self._device_seen) if s.broker.mode == "managed" else None
         i = s.ingest
         self.stats = Stats(i.source_silent_s, latest_frames_bytes=i.latest_frames_bytes,
                            forget_after_s=i.source_forget_s, unknown_kept=i.unknown_sources_kept)
@@ -98,7 +100,7 @@ class Daemon:
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
         self.results_topic = f"{base}/results"
-        self.mqtt = MqttClient(s.broker, client_id=f"appliance-{s.device_id}",
+        self.mqtt = MqttClient(self.managed.client_settings() if self.managed else s.broker, client_id=f"appliance-{s.device_id}",
                                will=(self.status_topic, self._status_payload("offline")),
                                on_connection_change=self._on_connection)
         self.events: EventSink | None = None
@@ -180,6 +182,8 @@ class Daemon:
         self._http_port = sock.getsockname()[1]
         if self.broker is not None:
             self.broker.start()
+        if self.managed is not None:
+            await asyncio.to_thread(self.managed.start, self.store)
         self.events = EventSink(self.store, s, lambda topic, payload: self.mqtt.publish(topic, payload, qos=1),
                                 on_event=self.live.publish, side_work=self.metrics.side_work)
         spool = Spool(self.store, s.samples, s.state_dir / "samples", s.device_id)
@@ -329,6 +333,8 @@ class Daemon:
             None, self.mqtt.stop, (self.status_topic, self._status_payload("offline")))
         if self.broker is not None:
             self.broker.stop()
+        if self.managed is not None:
+            await asyncio.to_thread(self.managed.stop)
         await self._flush_sources()
         if self.appstore is not None:
             self.appstore.close()
@@ -338,10 +344,23 @@ class Daemon:
 
     # timers
 
+    def _device_seen(self, device_id: str, what: str, detail: str) -> None:
+        """The managed broker's word on a device (its log reader's thread)."""
+        store = self.store
+        if store is None:
+            return
+        with contextlib.suppress(StoreError):
+            if what == "connected":
+                store.devices.connected(device_id, time.time())
+            else:
+                store.devices.refused(device_id, detail, time.time())
+
     async def _reload(self, force: bool = False) -> None:
         store, pipeline = self.store, self.pipeline
         assert store is not None and pipeline is not None
         loop = asyncio.get_running_loop()
+        if self.managed is not None:
+            await loop.run_in_executor(None, self.managed.refresh, store)
         generation = await loop.run_in_executor(None, store.config_generation)
         if generation == self._generation and not force:
             return
@@ -371,6 +390,8 @@ class Daemon:
         problems = []
         if self.broker is not None and not self.broker.running:
             problems.append("embedded broker is down")
+        if self.managed is not None and not self.managed.running:
+            problems.append("the managed broker (Mosquitto) is down")
         if not self.mqtt.connected:
             problems.append(f"not connected to the MQTT broker at {self.settings.broker.host}:{self.settings.broker.port}")
         for name, worker in self.workers.items():

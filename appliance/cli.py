@@ -22,6 +22,7 @@ from appliance.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from appliance.auth import Actor
+    from appliance.store.records import DeviceRecord
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -356,6 +357,48 @@ def _config_file(args: argparse.Namespace) -> Path:
     return Path(path)
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from appliance.devices.registry import Registry
+
+    settings = _settings(args)
+    if settings.broker.mode != "managed" and args.action in ("add", "renew"):
+        print(f"note: broker.mode is {settings.broker.mode!r}; these credentials are used once the broker is "
+              "managed (broker.mode = \"managed\", docs/devices.md)", file=sys.stderr)
+    with _store(settings) as store:
+        registry, by = Registry(settings, store), _cli_actor()
+        if args.action in ("add", "renew"):
+            creds = (registry.add(args.id, args.kind, "password" if args.password else "certificate", by.name,
+                                  by.address) if args.action == "add" else registry.renew(args.id, by.name, by.address))
+            out = Path(args.out or f"{creds.device.id}-credentials")
+            written = creds.write(out)
+            print(f"{'added' if args.action == 'add' else 'renewed'} {creds.device.kind} {creds.device.id}; its "
+                  f"credentials are in {out}/ ({', '.join(p.name for p in written)}): hand them to the device and "
+                  "delete the folder, the appliance keeps no copy of the key or password")
+        elif args.action == "revoke":
+            d = registry.revoke(args.id, by.name, by.address)
+            print(f"revoked {d.id}: the broker refuses it from now on (appliance devices renew {d.id} lets it back)")
+        elif args.action == "remove":
+            registry.remove(args.id, by.name, by.address)
+            print(f"removed {args.id}; its certificate stays revoked")
+        elif args.action == "show":
+            print(json.dumps(_device_json(store.devices.get(args.id)), indent=1))
+        else:
+            devices = store.devices.all()
+            if not devices:
+                print("no devices yet: appliance devices add cam1 --kind camera")
+            for d in devices:
+                state = "revoked" if d.revoked else "active"
+                print(f"{d.id:<24} {d.kind:<7} {d.auth:<12} {state:<8} last connect "
+                      f"{_time(d.last_connect) if d.last_connect else 'never'}, {d.refusals} refused")
+    return 0
+
+
+def _device_json(d: DeviceRecord) -> dict[str, object]:
+    return {"id": d.id, "kind": d.kind, "auth": d.auth, "created": d.created, "certificate_serial": d.cert_serial,
+            "expires": d.expires, "revoked": d.revoked, "last_connect": d.last_connect, "refusals": d.refusals,
+            "last_refusal": d.last_refusal, "last_refusal_ts": d.last_refusal_ts}
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from appliance.console.firstboot import FirstBootPage
     from appliance.logs import setup_logging
@@ -448,6 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     hw = sub.add_parser("hardware", help="CPU cores, GPUs and MIG devices, and the partitions planned on them")
     hw.add_argument("--json", action="store_true")
     hw.set_defaults(func=cmd_hardware)
+
+    dev = sub.add_parser("devices", help="cameras' and sensors' credentials for the managed broker: add, list, "
+                         "show, renew, revoke, remove")
+    dsub = dev.add_subparsers(dest="action", required=True)
+    dadd = dsub.add_parser("add", help="register a device and write its credentials (once) to a folder")
+    dadd.add_argument("id", help="the device id: its topic is cameras/ID/frame or sensors/ID/telemetry")
+    dadd.add_argument("--kind", choices=["camera", "sensor"], required=True)
+    dadd.add_argument("--password", action="store_true", help="a user name and generated password instead of a "
+                      "client certificate (for devices that cannot do TLS client certificates)")
+    drenew = dsub.add_parser("renew", help="new credentials for a device; the old certificate is revoked")
+    drenew.add_argument("id")
+    for parser in (dadd, drenew):
+        parser.add_argument("--out", help="the folder for the credentials (default: ID-credentials)")
+    for action, text in (("show", "one device, as JSON"), ("revoke", "refuse the device from now on"),
+                         ("remove", "forget the device (its certificate stays revoked)")):
+        dsub.add_parser(action, help=text).add_argument("id")
+    dsub.add_parser("list", help="every device, with its last connection and refusals")
+    dev.set_defaults(func=cmd_devices)
 
     users = sub.add_parser("users", help="console users: add, list, remove, change a password")
     usub = users.add_subparsers(dest="action", required=True)

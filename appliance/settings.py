@@ -31,7 +31,9 @@ class _Section(BaseModel):
 
 
 class BrokerSettings(_Section):
-    mode: Literal["embedded", "external"] = "embedded"
+    # embedded: amqtt in the daemon, loopback only (development, the demo); external: a broker the site runs;
+    # managed: Mosquitto run by the appliance from its device registry (docs/devices.md), how a site runs
+    mode: Literal["embedded", "external", "managed"] = "embedded"
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     # MQTT 5 carries the capture time (user property "ts"); the embedded broker (amqtt) speaks 3.1.1 only
@@ -44,11 +46,23 @@ class BrokerSettings(_Section):
     keepalive_s: int = Field(default=30, ge=5)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    # managed mode: where cameras and sensors connect (TLS), the names they use for the box (in the broker's
+    # certificate), how long a device certificate lasts, and the Mosquitto to run
+    device_host: str = "0.0.0.0"
+    device_port: int = Field(default=8883, ge=1, le=65535)  # devices with a client certificate
+    password_port: int = Field(default=8884, ge=1, le=65535)  # devices with a user name and password
+    device_names: list[str] = []
+    certificate_days: int = Field(default=825, ge=1, le=3650)
+    allow_anonymous_loopback: bool = False  # development only: anonymous publishers on 127.0.0.1:anonymous_port
+    anonymous_port: int = Field(default=1884, ge=1, le=65535)
+    mosquitto: str = "mosquitto"
 
     @model_validator(mode="after")
     def _check(self) -> BrokerSettings:
         if self.mode == "embedded" and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the embedded broker listens on loopback only; use mode = \"external\" for other hosts")
+        if self.mode == "managed" and self.host not in ("127.0.0.1", "localhost"):
+            raise ValueError("the daemon reaches its managed broker on loopback; devices use device_host")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self

@@ -54,7 +54,7 @@ class Health(_Part):
 
 
 class BrokerStatus(_Part):
-    mode: Literal["embedded", "external"]
+    mode: Literal["embedded", "external", "managed"]
     host: str
     port: int
     protocol: Literal["3.1.1", "5"] = Field(description="the MQTT version the daemon speaks to the broker")

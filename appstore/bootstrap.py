@@ -30,8 +30,9 @@ from appstore.fleet import Fleet
 from common.files import write_atomically
 from formats.errors import FormatError
 from formats.provisioning import DeviceProof, Enrolment, ProvisioningBundle, Purpose, proof_message
-from provisioning.errors import ProvisioningError, Refused
-from provisioning.identity import common_name, issued_by, load_certificate, serial_of, valid_now, verify_signature
+from pki.certs import CertificateError, common_name, issued_by, load_certificate, valid_now, verify_signature
+from provisioning.errors import Refused
+from provisioning.identity import serial_of
 from provisioning.verify import Verified, verify_bundle
 
 PROOF_WINDOW_S = 300.0  # a proof is accepted this long either side of the AppStore's clock
@@ -54,7 +55,7 @@ class Bootstrap:
     def trust_maker(self, pem_bytes: bytes, where: str) -> str:
         try:
             ca = load_certificate(pem_bytes, where)
-        except ProvisioningError as e:
+        except CertificateError as e:
             raise BadRequest(str(e)) from e
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", common_name(ca)).strip("-") or "maker"
         write_atomically(self.makers_dir / f"{name}.pem", pem_bytes)
@@ -102,7 +103,7 @@ class Bootstrap:
                             f"AppStore's clock ({now:.0f}); check the box's clock")
         try:
             cert = load_certificate(proof.certificate, "the device certificate")
-        except ProvisioningError as e:
+        except CertificateError as e:
             raise BadRequest(str(e)) from e
         if not any(issued_by(cert, ca) for ca in self.makers()):
             raise Forbidden("the device certificate was not issued by a maker this AppStore trusts "

@@ -36,7 +36,7 @@ from appstore.view import fleet_view
 from formats import FormatError
 from formats.model_card import NAME_PATTERN, VERSION_PATTERN
 from formats.sample import REASONS
-from provisioning.identity import common_name
+from pki.certs import common_name
 
 DEFAULT_REPO = "appstore-repo"
 

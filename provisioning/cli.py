@@ -29,10 +29,11 @@ from pathlib import Path
 
 from common.files import write_atomically
 from formats.provisioning import BUNDLE_FILE
+from pki.certs import CertificateError, Identity, private_folder
 from provisioning.documents import make_bundle, make_voucher, read_site
 from provisioning.errors import ProvisioningError
 from provisioning.factory import make_factory
-from provisioning.identity import Identity, make_ca, make_owner, private_folder
+from provisioning.identity import make_ca, make_owner
 
 TOKEN_ENV = "APPSTORE_TOKEN"
 
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except ProvisioningError as e:
+    except (ProvisioningError, CertificateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

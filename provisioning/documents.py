@@ -39,9 +39,9 @@ from formats.provisioning import (
     ProvisioningBundle,
     Voucher,
 )
+from pki.certs import Identity, common_name, fingerprint, load_certificate, pem
 from provisioning.envelope import sign
 from provisioning.errors import ProvisioningError
-from provisioning.identity import Identity, common_name, fingerprint, load_certificate, pem
 
 DAY_S = 86400.0
 

@@ -15,8 +15,8 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from formats.errors import FormatError, parse_json_document
 from formats.provisioning import Envelope
+from pki.certs import Identity
 from provisioning.errors import Refused
-from provisioning.identity import Identity
 
 M = TypeVar("M", bound=BaseModel)
 

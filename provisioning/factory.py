@@ -16,8 +16,9 @@ from cryptography import x509
 from common.files import write_atomically
 from formats.errors import FormatError, load_json_document
 from formats.provisioning import USB_PATHS, FactoryInfo
+from pki.certs import CertificateError, Identity, load_certificate, pem, private_folder
 from provisioning.errors import ProvisioningError
-from provisioning.identity import Identity, load_certificate, make_device, pem, private_folder, serial_of
+from provisioning.identity import make_device, serial_of
 
 FOLDER = "factory"
 
@@ -43,14 +44,16 @@ class Factory:
             info = load_json_document(FactoryInfo, folder / "factory.json")
         except FormatError as e:
             raise ProvisioningError(str(e)) from e
-        identity = Identity.load(folder, "device", "the factory identity")
+        try:
+            identity = Identity.load(folder, "device", "the factory identity")
+            maker = load_certificate((folder / "maker-ca.pem").read_bytes(), f"{folder}/maker-ca.pem")
+        except CertificateError as e:
+            raise ProvisioningError(str(e)) from e
+        except OSError as e:
+            raise ProvisioningError(f"{folder}/maker-ca.pem: cannot read: {e.strerror}") from e
         if serial_of(identity.certificate) != info.serial:
             raise ProvisioningError(f"{folder}: device.pem names serial {serial_of(identity.certificate)!r}, "
                                     f"factory.json {info.serial!r}")
-        try:
-            maker = load_certificate((folder / "maker-ca.pem").read_bytes(), f"{folder}/maker-ca.pem")
-        except OSError as e:
-            raise ProvisioningError(f"{folder}/maker-ca.pem: cannot read: {e.strerror}") from e
         return cls(folder, info, identity, [maker])
 
 

@@ -28,9 +28,9 @@ from formats.provisioning import (
     ProvisioningBundle,
     Voucher,
 )
+from pki.certs import CertificateError, common_name, fingerprint, load_certificate
 from provisioning.envelope import open_signed
-from provisioning.errors import ProvisioningError, Refused
-from provisioning.identity import common_name, fingerprint, load_certificate
+from provisioning.errors import Refused
 
 CLOCK_SKEW_S = 300.0  # a box's clock may be this far behind the signer's (no time sync yet at first boot)
 
@@ -97,7 +97,7 @@ def verify_bundle(raw: bytes, where: str, serial: str, makers: list[x509.Certifi
 
     try:
         owner_cert = load_certificate(bundle.owner_certificate, "the owner certificate")
-    except ProvisioningError as e:
+    except CertificateError as e:
         raise Refused("owner certificate", str(e)) from e
     owner = fingerprint(owner_cert)
     if owner != voucher.owner_cert_sha256:

@@ -37,9 +37,10 @@ from appliance.provision import agent, proof
 from appliance.settings import load_settings
 from appstore.server import build_app
 from formats.provisioning import ProvisionState
+from pki.certs import Identity
 from provisioning.documents import make_bundle, make_voucher, read_site
 from provisioning.factory import Factory
-from provisioning.identity import Identity, make_ca, make_device, make_owner, prove
+from provisioning.identity import make_ca, make_device, make_owner, prove
 from tests.conftest import ROOT, Daemon, Publisher, Subscriber, free_port, new_daemon, wait_until
 from tests.test_appstore import ok
 from tests.test_console_browser import new_page

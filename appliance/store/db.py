@@ -58,6 +58,7 @@ from appliance.store._table import select
 from appliance.store.accounts import Sessions, Tokens, Users
 from appliance.store.apps import Apps, Subscriptions
 from appliance.store.audit import AuditLog
+from appliance.store.devices import Devices
 from appliance.store.errors import StoreClosed, StoreError, translate
 from appliance.store.events import Events, Handling
 from appliance.store.migrations import MIGRATIONS, Migration, apply_migrations
@@ -121,6 +122,7 @@ class Store:
         self.tokens = Tokens(self)
         self.audit_log = AuditLog(self)
         self.samples = Samples(self)
+        self.devices = Devices(self)
         self._writer = threading.Thread(target=self._run_writer, name=f"store-writer:{self._path.name}", daemon=True)
         self._writer.start()
         try:

@@ -30,15 +30,20 @@ class Migration:
 
 # config_generation is bumped by triggers, so any change to models or apps, by any code path, is seen
 # by the daemon polling that one value.
-_GENERATION_TRIGGERS = "\n".join(
-    f"""
-CREATE TRIGGER {table}_{op.lower()}_bumps_generation AFTER {op} ON {table}
+def _bump_triggers(key: str, suffix: str, tables: tuple[str, ...], ops: tuple[str, ...]) -> str:
+    return "\n".join(
+        f"""
+CREATE TRIGGER {table}_{op.lower().replace(" ", "_").replace(",", "")}_{suffix} AFTER {op} ON {table}
 BEGIN
-    UPDATE meta SET value = value + 1 WHERE key = 'config_generation';
+    UPDATE meta SET value = value + 1 WHERE key = '{key}';
 END;"""
-    for table in ("models", "apps")
-    for op in ("INSERT", "UPDATE", "DELETE")
-)
+        for table in tables
+        for op in ops
+    )
+
+
+_GENERATION_TRIGGERS = _bump_triggers("config_generation", "bumps_generation", ("models", "apps"),
+                                      ("INSERT", "UPDATE", "DELETE"))
 
 _V1 = (
     """
@@ -213,6 +218,31 @@ ALTER TABLE samples_v6 RENAME TO samples;
 CREATE INDEX samples_queue ON samples (state, priority, ts);
 """
 
+_V7 = """
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('camera', 'sensor')),
+    auth TEXT NOT NULL CHECK (auth IN ('certificate', 'password')),
+    created REAL NOT NULL,
+    cert_serial TEXT NOT NULL DEFAULT '',
+    expires REAL,
+    password_hash TEXT NOT NULL DEFAULT '',
+    revoked REAL,
+    last_connect REAL,
+    refusals INTEGER NOT NULL DEFAULT 0,
+    last_refusal TEXT NOT NULL DEFAULT '',
+    last_refusal_ts REAL
+);
+CREATE TABLE revoked_certificates (
+    serial TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    revoked REAL NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('devices_generation', 0);
+""" + _bump_triggers("devices_generation", "bumps_devices_generation", ("devices", "revoked_certificates"),
+                     ("INSERT", "DELETE")) + _bump_triggers(
+    "devices_generation", "bumps_devices_generation", ("devices",), ("UPDATE OF cert_serial, password_hash, revoked",))
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
@@ -220,6 +250,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, _V4, "subscriptions: AppStore apps the site asked for"),
     Migration(5, _V5, "hard samples: the spool's index and its drops"),
     Migration(6, _V6, "samples the AppStore refused, with its reason"),
+    Migration(7, _V7, "device access: cameras' and sensors' credentials, revoked certificates"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any, Literal, cast
 
 SourceKind = Literal["camera", "sensor"]
+DeviceAuth = Literal["certificate", "password"]
 Box = tuple[float, float, float, float]
 Role = Literal["viewer", "operator", "admin"]
 Language = Literal["en", "zh"]
@@ -72,6 +73,28 @@ class SourceRecord:
     kind: SourceKind
     first_seen: float
     last_seen: float
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceRecord:
+    """A camera or sensor allowed on the managed broker, with its credential and what the broker saw of it."""
+
+    id: str
+    kind: SourceKind
+    auth: DeviceAuth
+    created: float
+    cert_serial: str  # hex; "" for a password device
+    expires: float | None  # when its certificate expires
+    password_hash: str  # Mosquitto's PBKDF2 hash; "" for a certificate device
+    revoked: float | None
+    last_connect: float | None
+    refusals: int
+    last_refusal: str
+    last_refusal_ts: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
 
 
 @dataclass(slots=True, frozen=True)
@@ -205,6 +228,17 @@ def source_from_row(row: Mapping[str, Any]) -> SourceRecord:
         first_seen=float(row["first_seen"]),
         last_seen=float(row["last_seen"]),
     )
+
+
+def device_from_row(row: Mapping[str, Any]) -> DeviceRecord:
+    def when(key: str) -> float | None:
+        return None if row[key] is None else float(row[key])
+
+    return DeviceRecord(
+        id=str(row["id"]), kind=cast(SourceKind, str(row["kind"])), auth=cast(DeviceAuth, str(row["auth"])),
+        created=float(row["created"]), cert_serial=str(row["cert_serial"]), expires=when("expires"),
+        password_hash=str(row["password_hash"]), revoked=when("revoked"), last_connect=when("last_connect"),
+        refusals=int(row["refusals"]), last_refusal=str(row["last_refusal"]), last_refusal_ts=when("last_refusal_ts"))
 
 
 def event_from_row(row: Mapping[str, Any]) -> EventRecord:

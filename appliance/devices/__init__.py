@@ -1,0 +1,1 @@
+"""Device access: the local device CA, the cameras' and sensors' credentials, and the managed broker's files."""

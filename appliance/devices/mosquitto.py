@@ -1,0 +1,109 @@
+"""The managed broker's files, made from the settings and the device registry: ``mosquitto.conf``, the ACL,
+the password file and the CRL, in ``STATE/broker/`` (0700). The same files serve the supervised child
+(:mod:`appliance.devices.broker`) and, in the OS image, Mosquitto under systemd.
+
+Listeners (``per_listener_settings``, so each has its own way in):
+- the daemon's, on loopback: TLS with a client certificate from the device CA (the daemon's own);
+- devices with certificates, on the site-facing address: TLS, ``require_certificate``,
+  ``use_identity_as_username`` (the certificate's CN is the device id), the device CA only, the CRL;
+- devices with passwords, on the site-facing address: TLS (server certificate only) and the password file;
+- for development only, when ``broker.allow_anonymous_loopback`` says so: anonymous, on loopback.
+The ACL confines every device to its own topic and lets only the daemon read them or touch ``appliance/#``.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.devices.ca import DAEMON_ID, DeviceCA
+from appliance.settings import Settings
+from appliance.store.records import DeviceRecord
+from common.files import write_atomically
+from pki.certs import revocation_list
+
+PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes ($7$: PBKDF2-HMAC-SHA512, 12-byte salt)
+CRL_DAYS = 3650  # the CRL is made again at every change; a long next-update keeps an idle box's valid
+
+
+def password_hash(password: str) -> str:
+    """A password as Mosquitto's password file holds it (``$7$iterations$salt$hash``, base64)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def device_topic(settings: Settings, device: DeviceRecord) -> str:
+    t = settings.topics
+    return f"{t.cameras}/{device.id}/frame" if device.kind == "camera" else f"{t.sensors}/{device.id}/telemetry"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    folder: Path
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "mosquitto.conf"
+
+    @property
+    def acl(self) -> Path:
+        return self.folder / "acl"
+
+    @property
+    def passwords(self) -> Path:
+        return self.folder / "passwords"
+
+    @property
+    def crl(self) -> Path:
+        return self.folder / "crl.pem"
+
+
+def write_broker_files(files: BrokerFiles, settings: Settings, ca: DeviceCA, devices: list[DeviceRecord],
+                       revoked: list[tuple[str, float]]) -> None:
+    """Every file Mosquitto reads, each replaced atomically, the configuration last."""
+    b = settings.broker
+    files.folder.mkdir(parents=True, exist_ok=True)
+    files.folder.chmod(0o700)
+    ca.server(b.device_names, b.certificate_days)
+    active = [d for d in devices if d.active]
+    write_atomically(files.crl, revocation_list(ca.identity, [(int(s, 16), at) for s, at in revoked], CRL_DAYS))
+    write_atomically(files.passwords, "".join(f"{d.id}:{d.password_hash}\n" for d in active
+                                              if d.auth == "password").encode(), mode=0o600)
+    write_atomically(files.acl, acl_text(settings, active).encode(), mode=0o600)
+    tls = (f"cafile {ca.ca_file}\ncertfile {ca.folder / 'broker.pem'}\nkeyfile {ca.folder / 'broker.key'}\n"
+           "tls_version tlsv1.2\n")
+    certificate = tls + f"require_certificate true\nuse_identity_as_username true\ncrlfile {files.crl}\n"
+    sections = [
+        "# written by the appliance from its settings and device registry; edits are overwritten\n"
+        # run as the daemon's user: Mosquitto started as root would switch to "mosquitto", who cannot read them
+        f"user {getpass.getuser()}\n"
+        "per_listener_settings true\npersistence false\nlog_dest stderr\nlog_timestamp false\n"
+        "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n"
+        "max_packet_size " + str(settings.ingest.max_frame_bytes + 4096) + "\n",
+        f"# the daemon\nlistener {b.port} 127.0.0.1\n{certificate}acl_file {files.acl}\n",
+        (f"# devices with a certificate from the device CA\nlistener {b.device_port} {b.device_host}\n{certificate}"
+        f"acl_file {files.acl}\n"),
+        (f"# devices with a password\nlistener {b.password_port} {b.device_host}\n{tls}password_file {files.passwords}\n"
+        f"acl_file {files.acl}\n"),
+    ]
+    if b.allow_anonymous_loopback:
+        sections.append(f"# development only: anonymous clients on loopback\nlistener {b.anonymous_port} 127.0.0.1\n"
+                        f"allow_anonymous true\nacl_file {files.acl}\n")
+    write_atomically(files.config, "\n".join(sections).encode(), mode=0o600)
+
+
+def acl_text(settings: Settings, active: list[DeviceRecord]) -> str:
+    t = settings.topics
+    lines = ["# anonymous clients (the development listener only, when allowed)"]
+    if settings.broker.allow_anonymous_loopback:
+        lines += [f"topic write {t.cameras}/+/frame", f"topic write {t.sensors}/+/telemetry"]
+    lines += ["", f"user {DAEMON_ID}", f"topic read {t.cameras}/+/frame", f"topic read {t.sensors}/+/telemetry",
+              f"topic readwrite {t.appliance}/#", "topic read $SYS/#"]
+    for d in active:
+        lines += ["", f"user {d.id}", f"topic write {device_topic(settings, d)}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,108 @@
+"""``store.devices``: the cameras and sensors allowed on the managed broker, and the certificates revoked.
+
+A revoked device keeps its row (the console shows it as revoked, and its id cannot be taken by accident);
+every certificate ever revoked or replaced stays in ``revoked_certificates``, from which the CRL is made.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+
+from appliance.store._table import Table, select
+from appliance.store.errors import StoreError
+from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind, device_from_row
+
+
+class DeviceExists(StoreError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id} exists already; renew its credentials (appliance devices renew "
+                         f"{device_id}) or remove it first")
+
+
+class NoSuchDevice(StoreError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"no device {device_id}; see appliance devices list")
+
+
+class Devices(Table):
+    def add(self, device_id: str, kind: SourceKind, auth: DeviceAuth, cert_serial: str, expires: float | None,
+            password_hash: str) -> None:
+        now = self._clock()
+
+        def write(db: Database) -> None:
+            if select(db, "SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+                raise DeviceExists(device_id)
+            db.execute("INSERT INTO devices (id, kind, auth, created, cert_serial, expires, password_hash)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (device_id, kind, auth, now, cert_serial, expires, password_hash))
+
+        self._write(write)
+
+    def replace_credential(self, device_id: str, cert_serial: str, expires: float | None, password_hash: str) -> None:
+        """A renewal: the new credential in, the old certificate (if any) revoked, the device active again."""
+        now = self._clock()
+
+        def write(db: Database) -> None:
+            _revoke_certificate(db, device_id, now)
+            db.execute("UPDATE devices SET cert_serial = ?, expires = ?, password_hash = ?, revoked = NULL"
+                       " WHERE id = ?", (cert_serial, expires, password_hash, device_id))
+
+        self._write(write)
+
+    def revoke(self, device_id: str) -> DeviceRecord:
+        now = self._clock()
+
+        def write(db: Database) -> None:
+            _revoke_certificate(db, device_id, now)
+            db.execute("UPDATE devices SET revoked = coalesce(revoked, ?) WHERE id = ?", (now, device_id))
+
+        self._write(write)
+        return self.get(device_id)
+
+    def remove(self, device_id: str) -> None:
+        """Forget the device; its certificate stays revoked."""
+        now = self._clock()
+
+        def write(db: Database) -> None:
+            _revoke_certificate(db, device_id, now)
+            db.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+
+        self._write(write)
+
+    def connected(self, device_id: str, at: float) -> None:
+        self._write(lambda db: db.execute(
+            "UPDATE devices SET last_connect = max(coalesce(last_connect, 0), ?) WHERE id = ?", (at, device_id)))
+
+    def refused(self, device_id: str, reason: str, at: float) -> None:
+        self._write(lambda db: db.execute(
+            "UPDATE devices SET refusals = refusals + 1, last_refusal = ?, last_refusal_ts = ? WHERE id = ?",
+            (reason[:300], at, device_id)))
+
+    def get(self, device_id: str) -> DeviceRecord:
+        rows = self._read(lambda db: select(db, "SELECT * FROM devices WHERE id = ?", (device_id,)))
+        if not rows:
+            raise NoSuchDevice(device_id)
+        return device_from_row(rows[0])
+
+    def all(self) -> list[DeviceRecord]:
+        return [device_from_row(r) for r in self._read(lambda db: select(db, "SELECT * FROM devices ORDER BY id"))]
+
+    def generation(self) -> int:
+        """Bumped by every change to who may connect (triggers), whichever process made it."""
+        rows = self._read(lambda db: select(db, "SELECT value FROM meta WHERE key = 'devices_generation'"))
+        return int(rows[0]["value"]) if rows else 0
+
+    def revoked_certificates(self) -> list[tuple[str, float]]:
+        rows = self._read(lambda db: select(db, "SELECT serial, revoked FROM revoked_certificates ORDER BY revoked"))
+        return [(str(r["serial"]), float(r["revoked"])) for r in rows]
+
+
+def _revoke_certificate(db: Database, device_id: str, now: float) -> None:
+    """The device's current certificate into the revoked list (raises NoSuchDevice)."""
+    row = select(db, "SELECT cert_serial FROM devices WHERE id = ?", (device_id,))
+    if not row:
+        raise NoSuchDevice(device_id)
+    serial = str(row[0]["cert_serial"])
+    if serial:
+        db.execute("INSERT OR IGNORE INTO revoked_certificates (serial, device, revoked) VALUES (?, ?, ?)",
+                   (serial, device_id, now))

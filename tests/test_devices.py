@@ -1,0 +1,158 @@
+"""Device access on a real site: the daemon runs Mosquitto (``broker.mode = "managed"``) from its device
+registry, with TLS, client certificates from its own device CA, a password file, a CRL and an ACL; cameras
+and sensors are real paho clients with the credentials ``appliance devices add`` handed over."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import ssl
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from appliance.demo.scene import render_frame
+from pki.certs import issue, name
+from tests.conftest import Daemon, DaemonFactory, free_port, wait_until, write_app
+from tests.test_e2e import PERSON_RULE, serving
+
+pytestmark = pytest.mark.slow
+
+
+class Device:
+    """A camera or sensor connecting with what its credentials folder says."""
+
+    def __init__(self, folder: Path, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+                 port: int | None = None, password: str | None = None, no_certificate: bool = False) -> None:
+        connect = json.loads((folder / "connect.json").read_text())
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
+                                  client_id=f"{connect['device']}-{free_port()}")
+        self.refused: list[str] = []
+        ctx = ssl.create_default_context(cafile=str(ca or folder / connect["ca"]))
+        if ("client_certificate" in connect or cert) and not no_certificate:
+            ctx.load_cert_chain(str(cert or folder / connect["client_certificate"]),
+                                str(key or folder / connect["client_key"]))
+        self.client.tls_set_context(ctx)
+        if "username" in connect:
+            self.client.username_pw_set(connect["username"], password or connect["password"])
+        self.connected: bool | None = None
+        self.client.on_connect = lambda c, u, f, rc, p: setattr(self, "connected", not rc.is_failure)
+        self.client.on_disconnect = lambda c, u, f, rc, p: setattr(self, "connected", False)
+        self.port = port or connect["port"]
+        self.topic = connect["topic"]
+
+    def connect(self) -> bool:
+        try:
+            self.client.connect("127.0.0.1", self.port, keepalive=30)
+        except (ssl.SSLError, OSError):
+            return False
+        self.client.loop_start()
+        wait_until(lambda: self.connected is not None, 10, what="an answer from the broker")
+        return bool(self.connected)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """The broker's reason code for a QoS 1 publish (0: accepted; 135: not authorised)."""
+        codes: list[int] = []
+        self.client.on_publish = lambda c, u, mid, rc, p: codes.append(rc.value)
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        wait_until(lambda: codes, 10, what="the broker's PUBACK")
+        return codes[0]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def managed(make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> tuple[Daemon, dict[str, int]]:
+    ports = {"device": free_port(), "password": free_port()}
+    d = make_daemon(broker_port=free_port(), start=False, broker_extra=f"""
+        device_host = "127.0.0.1"
+        device_port = {ports["device"]}
+        password_port = {ports["password"]}
+        device_names = ["127.0.0.1"]
+        """)
+    d.config.write_text(d.config.read_text().replace('mode = "external"', 'mode = "managed"'))
+    d.cli("models", "add", str(models["demo-detector"]))
+    d.cli("apps", "add", str(write_app(tmp_path / "ppe.json", "ppe-watch", "demo-detector", ["cameras/+/frame"],
+                                       [PERSON_RULE])))
+    return d, ports
+
+
+def events(d: Daemon, source: str) -> int:
+    with sqlite3.connect(d.state_dir / "appliance.db") as db:
+        return int(db.execute("SELECT COUNT(*) FROM events WHERE source = ?", (source,)).fetchone()[0])
+
+
+def add(d: Daemon, tmp_path: Path, device: str, *args: str) -> Path:
+    out = tmp_path / f"{device}-creds"
+    r = d.cli("devices", "add", device, *args, "--out", str(out))
+    assert f"its credentials are in {out}/" in r.stdout
+    return out
+
+
+def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_strangers_are_refused(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
+    d, _ = managed(make_daemon, models, tmp_path)
+    cam1 = add(d, tmp_path, "cam1", "--kind", "camera")
+    cam2 = add(d, tmp_path, "cam2", "--kind", "camera")
+    gas = add(d, tmp_path, "gas1", "--kind", "sensor", "--password")
+    d.start()
+    wait_until(lambda: serving(d, "ppe-watch"), 30, what="the app serving")
+    assert d.status()["broker"]["connected"], "the daemon is on its own broker with its own certificate"
+
+    one = Device(cam1)
+    assert one.connect()
+    frame = render_frame(0.0, 0)
+    assert one.publish("cameras/cam1/frame", frame) == 0
+    wait_until(lambda: events(d, "cam1") > 0, 30, what="an event from cam1")
+    assert one.publish("cameras/cam2/frame", frame) == 135, "cam1 may not publish as cam2"
+    assert one.publish("appliance/x/commands", b"{}") == 135, "nor write the appliance's topics"
+
+    two = Device(cam2)
+    assert two.connect()
+
+    # strangers: no certificate, a certificate of another CA, a wrong password
+    assert not Device(cam1, no_certificate=True).connect(), "no client certificate, no connection"
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    other = issue(name("other CA"), None, 30, ca=True)
+    fake = issue(name("cam1"), other, 30, client=True)
+    fake.save(stranger, "cam1")
+    assert not Device(cam1, cert=stranger / "cam1.pem", key=stranger / "cam1.key").connect(), \
+        "a certificate named cam1 from another CA is refused"
+    assert not Device(gas, password="wrong").connect(), "a wrong password is refused"
+    sensor = Device(gas)
+    assert sensor.connect() and sensor.publish("sensors/gas1/telemetry", b'{"ts": 1, "ch4": 0.1}') == 0
+
+    # revocation: cam1 is cut off and refused; cam2 stays connected
+    d.cli("devices", "revoke", "cam1")
+    wait_until(lambda: one.publish("cameras/cam1/frame", frame) == 135, 20, what="cam1's publish refused")
+    one.close()
+    assert not Device(cam1).connect(), "a revoked certificate cannot connect again"
+    assert two.connected and two.publish("cameras/cam2/frame", frame) == 0, "cam2 was not dropped"
+    d.cli("devices", "revoke", "gas1")
+    wait_until(lambda: not sensor.connected, 20, what="the password device dropped")
+    assert not Device(gas).connect()
+    two.close()
+
+    listed = d.cli("devices", "list").stdout
+    assert "cam1" in listed and "revoked" in listed and "cam2" in listed
+    log = d.log()
+    for folder in (cam1, cam2, gas):
+        for f in folder.iterdir():
+            if f.suffix == ".key":
+                assert f.read_text().splitlines()[1] not in log, "no key material in the log"
+    assert json.loads((gas / "connect.json").read_text())["password"] not in log, "no password in the log"
+    assert not list(d.state_dir.rglob("cam1.key")), "the device's key is not kept on the box"
+
+
+def test_the_generated_configuration_is_what_mosquitto_accepts_and_a_missing_mosquitto_is_named(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    d = make_daemon(broker_port=free_port(), start=False, broker_extra='mosquitto = "no-such-mosquitto"')
+    d.config.write_text(d.config.read_text().replace('mode = "external"', 'mode = "managed"'))
+    r = d.cli("run", check=False)
+    assert r.returncode != 0 and "'no-such-mosquitto' is not installed" in r.stderr
+    assert "apt-get install mosquitto" in r.stderr
