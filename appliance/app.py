@@ -29,6 +29,7 @@ from appliance.broker import EmbeddedBroker
 from appliance.console.diagnostics import build_bundle
 from appliance.console.install import install_console
 from appliance.devices.broker import ManagedBroker
+from appliance.devices.registry import Registry
 from appliance.events import EventSink
 from appliance.giveback import CHECK_S as GIVE_BACK_CHECK_S
 from appliance.giveback import GiveBack
@@ -211,6 +212,8 @@ class Daemon:
                                                                            self.inventory.to_json))
         console.sync_now = lambda: self.sync_loop.nudge() if self.sync_loop else None
         console.samples = self.samples
+        managed = self.managed
+        console.devices = Registry(s, store, (lambda: managed.refresh(store)) if managed else None)
         app = build_app(self.status, self.metrics, self.healthy, console, pages=install_console)
         self._http = http_server(app, h)
         self._tasks = [

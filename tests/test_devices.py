@@ -7,15 +7,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import ssl
+import zipfile
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from playwright.sync_api import Browser, expect
 
 from appliance.demo.scene import render_frame
 from pki.certs import issue, name
 from tests.conftest import Daemon, DaemonFactory, free_port, wait_until, write_app
+from tests.test_console_browser import add_users, log_in, new_page
+from tests.test_console_pages import csrf_of
 from tests.test_e2e import PERSON_RULE, serving
 
 pytestmark = pytest.mark.slow
@@ -147,6 +151,54 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
                 assert f.read_text().splitlines()[1] not in log, "no key material in the log"
     assert json.loads((gas / "connect.json").read_text())["password"] not in log, "no password in the log"
     assert not list(d.state_dir.rglob("cam1.key")), "the device's key is not kept on the box"
+
+
+def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_others_cannot(
+        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path, browser: Browser) -> None:
+    d, _ = managed(make_daemon, models, tmp_path)
+    add_users(d, {"boss": "admin", "watcher": "viewer"})
+    d.start()
+    page = new_page(browser, d)
+    log_in(page, "boss", "/sources")
+    page.locator("details:has(#add-device) > summary").click()
+    page.locator("#add-device input[name=device]").fill("dock-cam")
+    with page.expect_download() as download:
+        page.locator("#add-device button[type=submit]").click()
+    archive = tmp_path / "dock-cam.zip"
+    download.value.save_as(archive)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "download")
+    folder = tmp_path / "download" / "dock-cam"
+    cam = Device(folder)
+    assert cam.connect() and cam.publish("cameras/dock-cam/frame", render_frame(0.0, 0)) == 0
+    wait_until(lambda: events(d, "dock-cam") > 0, 30, what="an event from the camera enrolled on the console")
+    page.reload()
+    expect(page.locator("#device-dock-cam")).to_contain_text("Active")
+    expect(page.locator("#device-dock-cam")).not_to_contain_text("never")  # its connection was seen
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#device-dock-cam form[action$='/revoke'] button").click()
+    expect(page.locator(".flash")).to_contain_text("Device revoked")
+    wait_until(lambda: cam.publish("cameras/dock-cam/frame", render_frame(0.0, 0)) == 135, 20,
+               what="the revoked camera refused")
+    cam.close()
+    page.context.close()
+    audit = d.cli("devices", "show", "dock-cam").stdout
+    assert '"revoked": null' not in audit
+
+    viewer = new_page(browser, d)
+    log_in(viewer, "watcher", "/sources")
+    expect(viewer.locator("#device-dock-cam")).to_be_visible()
+    assert viewer.locator("#add-device").count() == 0, "a viewer sees no enrolment form"
+    for path, data in (("/sources/devices", {"device": "rogue", "kind": "camera"}),
+                       ("/sources/devices/dock-cam/renew", {})):
+        r = viewer.request.post(path, form={"csrf_token": csrf_of(viewer.content()), **data})
+        assert r.status == 403, f"{path}: a viewer is refused on the server"
+    viewer.context.close()
+    forged = new_page(browser, d)
+    log_in(forged, "boss", "/sources")
+    r = forged.request.post("/sources/devices", form={"device": "rogue", "kind": "camera", "csrf_token": "forged"})
+    assert r.status == 403 and "rogue" not in d.cli("devices", "list").stdout, "no CSRF token, no device"
+    forged.context.close()
 
 
 def test_the_generated_configuration_is_what_mosquitto_accepts_and_a_missing_mosquitto_is_named(

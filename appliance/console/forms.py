@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
@@ -30,6 +30,7 @@ from appliance.console.web import (
     render,
     safe_next,
 )
+from appliance.devices.registry import Credentials, Registry
 from appliance.http.security import (
     clear_session_cookie,
     client_address,
@@ -38,6 +39,8 @@ from appliance.http.security import (
     set_session_cookie,
 )
 from appliance.store import HANDLING_ACTIONS, ROLES, HandlingAction, NotFound, Role
+from appliance.store.devices import InvalidDevice
+from appliance.store.records import DeviceAuth, SourceKind
 from appliance.upgrade import control
 
 router = APIRouter(include_in_schema=False)
@@ -174,6 +177,46 @@ def update_user(name: str, who: PageAdmin, request: Request, role: Short = "", d
 def remove_user(name: str, who: PageAdmin, request: Request) -> Response:
     console(request).accounts.remove_user(name[:64], who.actor(client_address(request)))
     return back("/users", "user_removed")
+
+
+def _registry(request: Request) -> Registry:
+    registry = console(request).devices
+    if registry is None:
+        raise NotFound("this server has no device registry")
+    return registry
+
+
+def _handover(creds: Credentials) -> Response:
+    """The credentials as one zip download, never kept on the box; the change itself is audited."""
+    return Response(creds.zip(), media_type="application/zip", headers={
+        "content-disposition": f'attachment; filename="{creds.device.id}-credentials.zip"',
+        "cache-control": "no-store"})
+
+
+@router.post("/sources/devices")
+def add_device(who: PageAdmin, request: Request, device: Short, kind: Short, auth: Short = "certificate") -> Response:
+    if kind not in ("camera", "sensor") or auth not in ("certificate", "password"):
+        raise InvalidDevice(f"kind must be camera or sensor, and the credential a certificate or a password; got "
+                            f"{kind[:40]!r} and {auth[:40]!r}")
+    return _handover(_registry(request).add(device.strip(), cast(SourceKind, kind), cast(DeviceAuth, auth), who.name,
+                                            client_address(request)))
+
+
+@router.post("/sources/devices/{device_id}/renew")
+def renew_device(device_id: str, who: PageAdmin, request: Request) -> Response:
+    return _handover(_registry(request).renew(device_id[:64], who.name, client_address(request)))
+
+
+@router.post("/sources/devices/{device_id}/revoke")
+def revoke_device(device_id: str, who: PageAdmin, request: Request) -> Response:
+    _registry(request).revoke(device_id[:64], who.name, client_address(request))
+    return back("/sources", "device_revoked")
+
+
+@router.post("/sources/devices/{device_id}/remove")
+def remove_device(device_id: str, who: PageAdmin, request: Request) -> Response:
+    _registry(request).remove(device_id[:64], who.name, client_address(request))
+    return back("/sources", "device_removed")
 
 
 @router.get("/system/diagnostics.zip")

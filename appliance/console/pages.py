@@ -32,6 +32,7 @@ router = APIRouter(include_in_schema=False)
 Text = Annotated[str, Query(max_length=200)]
 OVERVIEW_ALERTS = 8
 ALERTS_PAGE = 50
+EXPIRY_WARNING_S = 30 * 86400  # a device certificate this close to its end is shown in red
 PERIODS: dict[str, float] = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 
 
@@ -106,7 +107,9 @@ def sources(who: PageViewer, request: Request) -> Response:
                              trend[-1][1].get(c, float("nan"))) for c in channels]
     cameras = [s for s in status.sources if s.kind == "camera"]
     sensors = [s for s in status.sources if s.kind == "sensor"]
-    return render(request, "sources.html", who, cameras=cameras, sensors=sensors, charts=charts,
+    devices = ctx.store.devices.all()
+    return render(request, "sources.html", who, cameras=cameras, sensors=sensors, charts=charts, devices=devices,
+                  managed=status.broker.mode == "managed", expiry_warning_s=EXPIRY_WARNING_S,
                   unknown=status.unknown_sources.recent, now=time.time())
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger("appliance.mosquitto")
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
+RELOAD_TIMEOUT_S = 5.0
 CONNECTED = re.compile(r"New client connected from (\S+) as (\S+) \(.*?(?:u'([^']*)')?\)\.?$")
 NOT_AUTHORISED = re.compile(r"Client (\S+) disconnected, not authori[sz]ed\.?$")
 DENIED = re.compile(r"Denied PUBLISH from (\S+) .*'([^']+)'")
@@ -50,6 +51,8 @@ class ManagedBroker:
         self._proc: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # the daemon's poll and a console request may both refresh
+        self._reloaded = threading.Event()
         self._generation = -1
         self._thread: threading.Thread | None = None
 
@@ -65,15 +68,21 @@ class ManagedBroker:
 
     def refresh(self, store: Store, force: bool = False) -> bool:
         """Rewrite the files when the registry changed (or ``force``), and reload a running Mosquitto."""
-        generation = store.devices.generation()
-        if generation == self._generation and not force:
-            return False
-        write_broker_files(self.files, self.settings, self.ca, store.devices.all(), store.devices.revoked_certificates())
-        self._generation = generation
-        with self._lock:
-            if self.running and self._proc is not None:
-                self._proc.send_signal(signal.SIGHUP)
-        return True
+        with self._refreshing:
+            generation = store.devices.generation()
+            if generation == self._generation and not force:
+                return False
+            write_broker_files(self.files, self.settings, self.ca, store.devices.all(),
+                               store.devices.revoked_certificates())
+            self._generation = generation
+            with self._lock:
+                proc = self._proc if self.running else None
+            if proc is not None:
+                self._reloaded.clear()
+                proc.send_signal(signal.SIGHUP)
+                if not self._reloaded.wait(RELOAD_TIMEOUT_S):  # so that what the caller says is already true
+                    log.warning("Mosquitto did not confirm the reload within %.0f s", RELOAD_TIMEOUT_S)
+            return True
 
     def start(self, store: Store) -> None:
         exe = shutil.which(self.settings.broker.mosquitto)
@@ -140,6 +149,8 @@ class ManagedBroker:
         proc.stdout.close()
 
     def _observe(self, line: str) -> None:
+        if line.startswith("Reloading config"):
+            self._reloaded.set()
         if m := CONNECTED.search(line):
             who = m.group(3) or m.group(2)
             if who != DAEMON_ID and self.on_device:

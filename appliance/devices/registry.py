@@ -8,24 +8,24 @@ password's hash). A lost key is replaced with ``renew``, which also revokes the 
 
 from __future__ import annotations
 
+import io
 import json
-import re
 import secrets
 import shlex
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.devices.ca import DeviceCA
 from appliance.devices.mosquitto import device_topic, password_hash
-from appliance.errors import ApplianceError
 from appliance.settings import Settings
 from appliance.store import Store
+from appliance.store.devices import check_device
 from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind
 from common.files import write_atomically
 from pki.certs import pem
-
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the ingest's source ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,13 @@ class Credentials:
     device: DeviceRecord
     files: dict[str, bytes]  # file name -> content: key, certificate, CA, connect.json, README.txt
 
+    def zip(self) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in self.files.items():
+                z.writestr(f"{self.device.id}/{name}", data)
+        return buf.getvalue()
+
     def write(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -56,19 +63,19 @@ class Credentials:
 
 
 class Registry:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, on_change: Callable[[], object] | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.on_change = on_change  # the running daemon's managed broker takes the change before this returns
         self.ca = DeviceCA(settings.state_dir / "devices", settings.device_id)
 
     def add(self, device_id: str, kind: SourceKind, auth: DeviceAuth, actor: str, address: str) -> Credentials:
-        if not DEVICE_ID.match(device_id):
-            raise ApplianceError(f"device id {device_id!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
-                                 "starting with a letter or digit (it is the camera's or sensor's topic name)")
+        check_device(device_id, kind)
         issued = self._issue(device_id, auth)
         self.store.devices.add(device_id, kind, auth, issued.serial, issued.expires, issued.password_hash)
         self.store.audit_log.add(actor, "devices.add", {"device": device_id, "kind": kind, "auth": auth,
                                                         "certificate": issued.serial}, address)
+        self._changed()
         return self._credentials(self.store.devices.get(device_id), issued)
 
     def renew(self, device_id: str, actor: str, address: str) -> Credentials:
@@ -77,12 +84,14 @@ class Registry:
         self.store.devices.replace_credential(device_id, issued.serial, issued.expires, issued.password_hash)
         self.store.audit_log.add(actor, "devices.renew", {"device": device_id, "certificate": issued.serial,
                                                           "replaced": device.cert_serial}, address)
+        self._changed()
         return self._credentials(self.store.devices.get(device_id), issued)
 
     def revoke(self, device_id: str, actor: str, address: str) -> DeviceRecord:
         device = self.store.devices.revoke(device_id)
         self.store.audit_log.add(actor, "devices.revoke", {"device": device_id, "certificate": device.cert_serial},
                                  address)
+        self._changed()
         return device
 
     def remove(self, device_id: str, actor: str, address: str) -> None:
@@ -90,6 +99,11 @@ class Registry:
         self.store.devices.remove(device_id)
         self.store.audit_log.add(actor, "devices.remove", {"device": device_id, "certificate": device.cert_serial},
                                  address)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _issue(self, device_id: str, auth: DeviceAuth) -> _Issued:
         if auth == "password":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.auth import Accounts
+from appliance.devices.registry import Registry
 from appliance.http.live import LiveFeed
 from appliance.samples.capture import SampleCapture
 from appliance.stats import Stats
@@ -36,3 +37,4 @@ class Console:
     sync_now: Callable[[], None] = lambda: None  # nudge the AppStore sync (after a subscription changed)
     samples: SampleCapture | None = None  # operators' flags become hard samples
     upgrades: Upgrader | None = None  # the appliance's own upgrades (None without an AppStore link)
+    devices: Registry | None = None  # cameras' and sensors' credentials for the managed broker

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance.auth import InvalidAccount, NotASession, NotAuthenticated, PermissionDenied, TooManyAttempts
 from appliance.errors import ApplianceError, InstallError
 from appliance.store import Conflict, ModelExists, ModelInUse, ModelMissing, NotFound, StoreBusy, StoreError
+from appliance.store.devices import InvalidDevice
 from appliance.upgrade.errors import UpgradeError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = 
     (NotASession, 400),
     (NotFound, 404),
     ((Conflict, InstallError, ModelExists, ModelInUse, ModelMissing, UpgradeError), 409),
-    (InvalidAccount, 422),
+    ((InvalidAccount, InvalidDevice), 422),
     (TooManyAttempts, 429),
     (StoreBusy, 503),
 )

@@ -6,20 +6,28 @@ every certificate ever revoked or replaced stays in ``revoked_certificates``, fr
 
 from __future__ import annotations
 
+import re
+
 from sqlite_utils import Database
 
 from appliance.store._table import Table, select
-from appliance.store.errors import StoreError
+from appliance.store.errors import Conflict, NotFound, StoreError
 from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind, device_from_row
 
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the ingest's source ids
 
-class DeviceExists(StoreError):
+
+class InvalidDevice(StoreError):
+    """A device id or kind the registry cannot take; the message says what is allowed."""
+
+
+class DeviceExists(Conflict):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"device {device_id} exists already; renew its credentials (appliance devices renew "
                          f"{device_id}) or remove it first")
 
 
-class NoSuchDevice(StoreError):
+class NoSuchDevice(NotFound):
     def __init__(self, device_id: str) -> None:
         super().__init__(f"no device {device_id}; see appliance devices list")
 
@@ -27,6 +35,7 @@ class NoSuchDevice(StoreError):
 class Devices(Table):
     def add(self, device_id: str, kind: SourceKind, auth: DeviceAuth, cert_serial: str, expires: float | None,
             password_hash: str) -> None:
+        check_device(device_id, kind)
         now = self._clock()
 
         def write(db: Database) -> None:
@@ -95,6 +104,14 @@ class Devices(Table):
     def revoked_certificates(self) -> list[tuple[str, float]]:
         rows = self._read(lambda db: select(db, "SELECT serial, revoked FROM revoked_certificates ORDER BY revoked"))
         return [(str(r["serial"]), float(r["revoked"])) for r in rows]
+
+
+def check_device(device_id: str, kind: str) -> None:
+    if not DEVICE_ID.match(device_id):
+        raise InvalidDevice(f"device id {device_id[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting "
+                            "with a letter or digit (it is the camera's or sensor's topic name)")
+    if kind not in ("camera", "sensor"):
+        raise InvalidDevice(f"device {device_id}: kind must be camera or sensor, not {kind[:40]!r}")
 
 
 def _revoke_certificate(db: Database, device_id: str, now: float) -> None:
