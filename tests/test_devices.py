@@ -4,6 +4,7 @@ and sensors are real paho clients with the credentials ``appliance devices add``
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import ssl
@@ -198,6 +199,12 @@ def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_o
     log_in(forged, "boss", "/sources")
     r = forged.request.post("/sources/devices", form={"device": "rogue", "kind": "camera", "csrf_token": "forged"})
     assert r.status == 403 and "rogue" not in d.cli("devices", "list").stdout, "no CSRF token, no device"
+    bundle = forged.request.get("/system/diagnostics.zip")
+    assert bundle.status == 200
+    with zipfile.ZipFile(io.BytesIO(bundle.body())) as z:
+        text = "".join(z.read(n).decode(errors="replace") for n in z.namelist())
+    key_line = (folder / "dock-cam.key").read_text().splitlines()[1]
+    assert "PRIVATE KEY" not in text and key_line not in text, "no key material in the diagnostics bundle"
     forged.context.close()
 
 
