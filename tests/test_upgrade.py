@@ -24,6 +24,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from appliance.demo.scene import render_frame
+from appliance.store import SCHEMA_VERSION
 from appliance.upgrade.install import has_wheel
 from appstore.server import build_app
 from formats.release import ReleaseManifest
@@ -186,7 +187,7 @@ def test_a_release_that_never_becomes_healthy_or_cannot_reach_the_appstore_is_ta
         kept = {r[0] for r in db.execute("SELECT id FROM events")}
         schema = db.execute("PRAGMA user_version").fetchone()[0]
     assert events <= kept, "events written by the failed release are carried into the restored database"
-    assert schema == 6, "the database is at the schema the old release reads"
+    assert schema == SCHEMA_VERSION, "the database is at the schema the old release reads"
     assert "upgrade.switch" in audit(box) and "upgrade.rolled_back" in audit(box)
 
     # healthy in every other way, but it cannot phone home although the old release could
