@@ -347,23 +347,22 @@ class Daemon:
 
     # timers
 
-    def _device_seen(self, device_id: str, what: str, detail: str) -> None:
-        """The managed broker's word on a device (its log reader's thread)."""
+    def _device_seen(self, device_id: str) -> None:
+        """The managed broker let a device in (its log reader's thread)."""
         store = self.store
-        if store is None:
-            return
-        with contextlib.suppress(StoreError):
-            if what == "connected":
+        if store is not None:
+            with contextlib.suppress(StoreError):
                 store.devices.connected(device_id, time.time())
-            else:
-                store.devices.refused(device_id, detail, time.time())
 
     async def _reload(self, force: bool = False) -> None:
         store, pipeline = self.store, self.pipeline
         assert store is not None and pipeline is not None
         loop = asyncio.get_running_loop()
         if self.managed is not None:
-            await loop.run_in_executor(None, self.managed.refresh, store)
+            try:
+                await loop.run_in_executor(None, self.managed.refresh, store)
+            except (OSError, StoreError, ValueError) as e:  # the models' and apps' reload goes on regardless
+                log.error("cannot update the managed broker's files: %s", e)
         generation = await loop.run_in_executor(None, store.config_generation)
         if generation == self._generation and not force:
             return

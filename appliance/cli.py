@@ -367,9 +367,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     with _store(settings) as store:
         registry, by = Registry(settings, store), _cli_actor()
         if args.action in ("add", "renew"):
+            if Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+                raise ApplianceError(f"{args.out} exists and is not an empty folder; give a new folder")
             creds = (registry.add(args.id, args.kind, "password" if args.password else "certificate", by.name,
                                   by.address) if args.action == "add" else registry.renew(args.id, by.name, by.address))
-            out = Path(args.out or f"{creds.device.id}-credentials")
+            out = Path(args.out)
             written = creds.write(out)
             print(f"{'added' if args.action == 'add' else 'renewed'} {creds.device.kind} {creds.device.id}; its "
                   f"credentials are in {out}/ ({', '.join(p.name for p in written)}): hand them to the device and "
@@ -389,14 +391,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
             for d in devices:
                 state = "revoked" if d.revoked else "active"
                 print(f"{d.id:<24} {d.kind:<7} {d.auth:<12} {state:<8} last connect "
-                      f"{_time(d.last_connect) if d.last_connect else 'never'}, {d.refusals} refused")
+                      f"{_time(d.last_connect) if d.last_connect else 'never'}")
     return 0
 
 
 def _device_json(d: DeviceRecord) -> dict[str, object]:
     return {"id": d.id, "kind": d.kind, "auth": d.auth, "created": d.created, "certificate_serial": d.cert_serial,
-            "expires": d.expires, "revoked": d.revoked, "last_connect": d.last_connect, "refusals": d.refusals,
-            "last_refusal": d.last_refusal, "last_refusal_ts": d.last_refusal_ts}
+            "expires": d.expires, "revoked": d.revoked, "last_connect": d.last_connect}
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -503,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     drenew = dsub.add_parser("renew", help="new credentials for a device; the old certificate is revoked")
     drenew.add_argument("id")
     for parser in (dadd, drenew):
-        parser.add_argument("--out", help="the folder for the credentials (default: ID-credentials)")
+        parser.add_argument("--out", required=True, help="a new folder for the credentials, on the medium that "
+                            "takes them to the device (a USB stick): the box keeps no copy of the key or password")
     for action, text in (("show", "one device, as JSON"), ("revoke", "refuse the device from now on"),
                          ("remove", "forget the device (its certificate stays revoked)")):
         dsub.add_parser(action, help=text).add_argument("id")

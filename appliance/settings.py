@@ -63,6 +63,9 @@ class BrokerSettings(_Section):
             raise ValueError("the embedded broker listens on loopback only; use mode = \"external\" for other hosts")
         if self.mode == "managed" and self.host not in ("127.0.0.1", "localhost"):
             raise ValueError("the daemon reaches its managed broker on loopback; devices use device_host")
+        if self.mode == "managed" and self.device_host in ("0.0.0.0", "::") and not self.device_names:
+            raise ValueError("device_names: say how cameras and sensors reach this box (its address or host name, "
+                             "e.g. [\"192.168.10.5\"]); the broker's certificate names them")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self

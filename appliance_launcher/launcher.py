@@ -15,7 +15,6 @@ would; exit code ``RESTART_EXIT`` with a request switches releases, without one 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -40,11 +39,11 @@ from appliance_launcher.state import (
 from common import crashpoint
 from common.backoff import Backoff
 from common.files import fsync_dir
+from common.process import die_with_parent
 
 log = logging.getLogger("appliance-launcher")
 
 POLL_S = 0.2  # how often the launcher looks at its child and the confirmation
-_PR_SET_PDEATHSIG = 1
 
 
 RESTART_MAX_S = 30.0  # the longest wait before starting a crashing release again
@@ -62,13 +61,6 @@ class Options:
 
 class NoRelease(Exception):
     """Nothing to start: ``current`` is missing or points at a release that is not installed."""
-
-
-def _die_with_parent() -> None:  # in the child, before exec: a killed launcher takes its release with it
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 class Launcher:
@@ -142,7 +134,7 @@ class Launcher:
         log.info("starting appliance %s%s", version, f" (on trial, start {trial.tries} of {self.o.tries})"
                  if trial else "")
         # the launcher has one thread, so preexec_fn is safe here
-        self._child = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self._child = subprocess.Popen(args, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
         self.layout.child_file.write_text(str(self._child.pid))
         deadline = time.monotonic() + self.o.confirm_within_s
         try:

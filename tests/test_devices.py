@@ -132,6 +132,14 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
     sensor = Device(gas)
     assert sensor.connect() and sensor.publish("sensors/gas1/telemetry", b'{"ts": 1, "ch4": 0.1}') == 0
 
+    # the daemon's own certificate gives nothing on the devices' listener
+    daemon = Device(cam1, cert=d.state_dir / "devices" / "daemon.pem", key=d.state_dir / "devices" / "daemon.key")
+    assert daemon.connect() and daemon.publish("appliance/x/commands", b"{}") == 135
+    daemon.close()
+    # an id Mosquitto's files could not hold is refused before anything is written
+    r = d.cli("devices", "add", "evil\nuser cam1", "--kind", "camera", "--out", str(tmp_path / "evil"), check=False)
+    assert r.returncode == 2 and "device id" in r.stderr and not (tmp_path / "evil").exists()
+
     # revocation: cam1 is cut off and refused; cam2 stays connected
     d.cli("devices", "revoke", "cam1")
     wait_until(lambda: one.publish("cameras/cam1/frame", frame) == 135, 20, what="cam1's publish refused")
@@ -141,7 +149,15 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
     d.cli("devices", "revoke", "gas1")
     wait_until(lambda: not sensor.connected, 20, what="the password device dropped")
     assert not Device(gas).connect()
+    # new credentials for cam2: a session on the old key does not keep cam2's rights
+    new_two = tmp_path / "cam2-renewed"
+    d.cli("devices", "renew", "cam2", "--out", str(new_two))
+    wait_until(lambda: not two.connected, 20, what="the session on cam2's old key dropped")
     two.close()
+    assert not Device(cam2).connect(), "the replaced certificate is refused"
+    renewed = Device(new_two)
+    assert renewed.connect() and renewed.publish("cameras/cam2/frame", frame) == 0
+    renewed.close()
 
     listed = d.cli("devices", "list").stdout
     assert "cam1" in listed and "revoked" in listed and "cam2" in listed
@@ -207,11 +223,22 @@ def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_o
     assert "PRIVATE KEY" not in text and key_line not in text, "no key material in the diagnostics bundle"
     forged.context.close()
 
+    # a daemon killed outright takes its Mosquitto with it: no broker is left serving the old files
+    pid = int((d.state_dir / "broker" / "mosquitto.pid").read_text())
+    assert d.proc is not None
+    d.proc.kill()
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
+               .lower(), 10, what="Mosquitto ending with its daemon")
 
-def test_the_generated_configuration_is_what_mosquitto_accepts_and_a_missing_mosquitto_is_named(
+
+def test_managed_mode_names_a_missing_device_address_and_a_missing_mosquitto(
         make_daemon: DaemonFactory, tmp_path: Path) -> None:
     d = make_daemon(broker_port=free_port(), start=False, broker_extra='mosquitto = "no-such-mosquitto"')
     d.config.write_text(d.config.read_text().replace('mode = "external"', 'mode = "managed"'))
+    r = d.cli("run", check=False)
+    assert r.returncode == 2 and "device_names: say how cameras and sensors reach this box" in r.stderr
+    d.config.write_text(d.config.read_text().replace('mosquitto = "no-such-mosquitto"',
+                                                     'mosquitto = "no-such-mosquitto"\ndevice_names = ["10.0.0.5"]'))
     r = d.cli("run", check=False)
     assert r.returncode != 0 and "'no-such-mosquitto' is not installed" in r.stderr
     assert "apt-get install mosquitto" in r.stderr

@@ -1,16 +1,22 @@
 """The managed broker: Mosquitto as a supervised child of the daemon, run from the files
 :mod:`appliance.devices.mosquitto` writes.
 
-Its log lines come into the appliance's log (``appliance.mosquitto``), and the ones about devices
-(connected, refused) into the device registry, for the console. It is restarted with backoff when it
-dies; a change to the registry (from the console or from ``appliance devices`` in another process: the
-store's ``devices_generation``) rewrites the files and sends SIGHUP, which reloads the ACL, the password
-file and the CRL without dropping the other devices' connections.
+Its log lines come into the appliance's log (``appliance.mosquitto``), and each device's connections into
+the device registry, for the console. It is restarted with backoff when it dies, and dies with the daemon
+(a stale one left by a killed daemon is ended at the next start). A change to the registry (from the
+console, or from ``appliance devices`` in another process: the store's ``devices_generation``) rewrites
+the files and sends SIGHUP, which reloads the ACL, the password file and the CRL without dropping the
+other devices' connections. Two cases restart Mosquitto instead, because a reload would not be enough:
+a certificate replaced while its device stays allowed (SIGHUP does not check connected clients against
+the CRL, so a session on the old key would keep the device's rights), and a reload that logged an error
+(Mosquitto then runs without the file it could not read).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -26,15 +32,16 @@ from appliance.errors import ApplianceError
 from appliance.settings import BrokerSettings, Settings
 from appliance.store import Store
 from common.backoff import Backoff
+from common.process import die_with_parent
 
 log = logging.getLogger("appliance.mosquitto")
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 RELOAD_TIMEOUT_S = 5.0
-CONNECTED = re.compile(r"New client connected from (\S+) as (\S+) \(.*?(?:u'([^']*)')?\)\.?$")
-NOT_AUTHORISED = re.compile(r"Client (\S+) disconnected, not authori[sz]ed\.?$")
-DENIED = re.compile(r"Denied PUBLISH from (\S+) .*'([^']+)'")
+RELOAD_ERRORS_S = 0.5  # after "Reloading config.", errors about the files come within this
+STAYED_UP_S = 5.0
+CONNECTED = re.compile(r"New client connected from (\S+) as \S+ \(.*u'([^']*)'\)\.?$")
 
 
 class ManagedBrokerError(ApplianceError):
@@ -42,19 +49,25 @@ class ManagedBrokerError(ApplianceError):
 
 
 class ManagedBroker:
-    def __init__(self, settings: Settings, on_device: Callable[[str, str, str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, on_connect: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.ca = DeviceCA(settings.state_dir / "devices", settings.device_id)
         self.files = BrokerFiles(settings.state_dir / "broker")
         self.daemon_identity = self.ca.daemon(settings.broker.certificate_days)
-        self.on_device = on_device  # (device id, "connected" | "refused", detail)
+        self.on_connect = on_connect  # a device (by the user name it authenticated as) connected
         self._proc: subprocess.Popen[str] | None = None
+        self._exe = ""
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _proc
         self._refreshing = threading.Lock()  # the daemon's poll and a console request may both refresh
-        self._reloaded = threading.Event()
+        self._reloading = threading.Event()
+        self._reload_errors: list[str] = []
+        self._restart = threading.Event()  # the supervisor starts the next Mosquitto at once
+        self._started = threading.Event()  # set by the supervisor each time a Mosquitto listens
         self._generation = -1
+        self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._first_start_error = ""
 
     def client_settings(self) -> BrokerSettings:
         """How the daemon connects: loopback, TLS, its own certificate from the device CA."""
@@ -67,111 +80,172 @@ class ManagedBroker:
         return self._proc is not None and self._proc.poll() is None
 
     def refresh(self, store: Store, force: bool = False) -> bool:
-        """Rewrite the files when the registry changed (or ``force``), and reload a running Mosquitto."""
+        """Rewrite the files when the registry changed (or ``force``), and make a running Mosquitto take them
+        before returning."""
         with self._refreshing:
             generation = store.devices.generation()
             if generation == self._generation and not force:
                 return False
-            write_broker_files(self.files, self.settings, self.ca, store.devices.all(),
-                               store.devices.revoked_certificates())
+            devices, revoked = store.devices.all(), store.devices.revoked_certificates()
+            write_broker_files(self.files, self.settings, self.ca, devices, revoked)
             self._generation = generation
-            with self._lock:
-                proc = self._proc if self.running else None
-            if proc is not None:
-                self._reloaded.clear()
-                proc.send_signal(signal.SIGHUP)
-                if not self._reloaded.wait(RELOAD_TIMEOUT_S):  # so that what the caller says is already true
-                    log.warning("Mosquitto did not confirm the reload within %.0f s", RELOAD_TIMEOUT_S)
+            now_revoked = {serial for serial, _device, _at in revoked}
+            allowed = {d.id for d in devices if d.active}
+            replaced = {device for serial, device, _at in revoked if serial not in self._revoked} & allowed
+            self._revoked = now_revoked
+            if self.running:
+                if replaced:
+                    log.info("certificate of %s replaced: restarting Mosquitto so that no session on the old key "
+                             "stays", ", ".join(sorted(replaced)))
+                    self._restart_now()
+                elif not self._reload():
+                    self._restart_now()
             return True
+
+    def _reload(self) -> bool:
+        with self._lock:
+            proc = self._proc
+        if proc is None:
+            return True
+        self._reload_errors = []
+        self._reloading.clear()
+        proc.send_signal(signal.SIGHUP)
+        if not self._reloading.wait(RELOAD_TIMEOUT_S):
+            log.warning("Mosquitto did not confirm the reload within %.0f s; restarting it", RELOAD_TIMEOUT_S)
+            return False
+        self._stopping.wait(RELOAD_ERRORS_S)
+        if self._reload_errors:
+            log.error("Mosquitto could not reload its files (%s); restarting it, which refuses bad files",
+                      "; ".join(self._reload_errors[:3]))
+            return False
+        return True
+
+    def _restart_now(self) -> None:
+        self._started.clear()
+        self._restart.set()
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.terminate()
+        if not self._started.wait(START_TIMEOUT_S):
+            log.error("Mosquitto did not come back within %.0f s after a restart", START_TIMEOUT_S)
 
     def start(self, store: Store) -> None:
         exe = shutil.which(self.settings.broker.mosquitto)
         if exe is None:
             raise ManagedBrokerError(f"broker.mode = \"managed\" runs Mosquitto, and {self.settings.broker.mosquitto!r} "
                                      "is not installed: install it (apt-get install mosquitto) or set broker.mosquitto")
+        self._exe = exe
+        self._end_stale()
         self.refresh(store, force=True)
-        self._spawn(exe)
-        self._wait_listening()
-        self._thread = threading.Thread(target=self._supervise, args=(exe,), name="mosquitto", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="mosquitto", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._started.wait(0.1):
+            if self._thread is None or not self._thread.is_alive() or time.monotonic() > deadline:
+                self._stopping.set()
+                raise ManagedBrokerError(self._first_start_error or f"Mosquitto did not listen on 127.0.0.1:"
+                                         f"{self.settings.broker.port} within {START_TIMEOUT_S:.0f} s")
         b = self.settings.broker
         log.info("managed Mosquitto up: devices on %s:%s (certificate) and :%s (password), the daemon on "
                  "127.0.0.1:%s", b.device_host, b.device_port, b.password_port, b.port)
 
-    def _spawn(self, exe: str) -> None:
-        with self._lock:
-            self._proc = subprocess.Popen([exe, "-c", str(self.files.config)], stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, errors="replace",
-                                          start_new_session=True)
-        threading.Thread(target=self._read, args=(self._proc,), name="mosquitto-log", daemon=True).start()
+    def _end_stale(self) -> None:
+        """A Mosquitto left by a daemon that was killed still holds the ports and the old files: end it."""
+        try:
+            pid = int(self.files.pid.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")  # noqa: SIM115
+        except OSError:
+            return
+        if str(self.files.config).encode() not in cmdline:
+            return
+        log.warning("ending Mosquitto %s left running by an earlier start", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            self._stopping.wait(0.05)
 
-    def _wait_listening(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                raise ManagedBrokerError(f"Mosquitto exited at start (code {self._proc.returncode if self._proc else '?'}); "
-                                         f"its log lines above say why (configuration {self.files.config})")
-            try:
-                socket.create_connection(("127.0.0.1", self.settings.broker.port), timeout=0.5).close()
-                return
-            except OSError:
-                self._stopping.wait(0.05)
-        raise ManagedBrokerError(f"Mosquitto did not listen on 127.0.0.1:{self.settings.broker.port} within "
-                                 f"{START_TIMEOUT_S:.0f} s")
-
-    def _supervise(self, exe: str) -> None:
-        backoff, failures = Backoff(base_s=0.5, max_s=30.0), 0
+    def _supervise(self) -> None:
+        """Starts Mosquitto and starts it again when it ends; in this thread, which lives as long as the
+        broker should, since the child dies with the thread that started it."""
+        backoff, failures, first = Backoff(base_s=0.5, max_s=30.0), 0, True
         while not self._stopping.is_set():
-            proc = self._proc
+            proc = self._spawn()
             if proc is None:
                 return
+            if self._listening(proc):
+                self._started.set()
+            elif first:
+                self._first_start_error = (f"Mosquitto exited at start (code {proc.poll()}); its log lines above say "
+                                           f"why (configuration {self.files.config})")
+                return
+            first = False
+            up = time.monotonic()
             code = proc.wait()
             if self._stopping.is_set():
                 return
-            failures += 1
+            if self._restart.is_set():
+                self._restart.clear()
+                continue
+            failures = 1 if time.monotonic() - up > STAYED_UP_S else failures + 1
             delay = backoff.delay(failures)
             log.error("Mosquitto exited (code %s); starting it again in %.1f s", code, delay)
             if self._stopping.wait(delay):
                 return
-            self._spawn(exe)
-            if self._stopping.wait(5.0):
-                return
-            if self.running:
-                failures = 0  # it stayed up: the next crash starts the backoff again
+
+    def _spawn(self) -> subprocess.Popen[str] | None:
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            self._proc = subprocess.Popen(
+                [self._exe, "-c", str(self.files.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, errors="replace", preexec_fn=die_with_parent)  # noqa: PLW1509 (die with this thread)
+            proc = self._proc
+        self.files.pid.write_text(f"{proc.pid}\n")
+        threading.Thread(target=self._read, args=(proc,), name="mosquitto-log", daemon=True).start()
+        return proc
+
+    def _listening(self, proc: subprocess.Popen[str]) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if proc.poll() is not None:
+                return False
+            try:
+                socket.create_connection(("127.0.0.1", self.settings.broker.port), timeout=0.5).close()
+            except OSError:
+                self._stopping.wait(0.05)
+                continue
+            return proc.poll() is None  # our own child answered, not a stale one
+        return False
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.rstrip()
-            if not line:
-                continue
-            self._observe(line)
+            if line := raw.rstrip():
+                self._observe(line)
         proc.stdout.close()
 
     def _observe(self, line: str) -> None:
         if line.startswith("Reloading config"):
-            self._reloaded.set()
-        if m := CONNECTED.search(line):
-            who = m.group(3) or m.group(2)
-            if who != DAEMON_ID and self.on_device:
-                self.on_device(who, "connected", m.group(1))
+            self._reloading.set()
             log.info("%s", line)
-        elif m := NOT_AUTHORISED.search(line):
-            if self.on_device:
-                self.on_device(m.group(1), "refused", "not authorised (wrong or revoked credentials)")
-            log.warning("%s", line)
-        elif m := DENIED.search(line):
-            if self.on_device:
-                self.on_device(m.group(1), "refused", f"publish to {m.group(2)} denied")
-            log.warning("%s", line)
+        elif m := CONNECTED.search(line):
+            if m.group(2) != DAEMON_ID and self.on_connect:
+                self.on_connect(m.group(2))
+            log.info("%s", line)
         elif line.startswith(("Error", "OpenSSL Error")) or "failed" in line:
+            if self._reloading.is_set() and line.startswith("Error"):  # about its files, not a client
+                self._reload_errors.append(line)
             log.warning("%s", line)
         else:
             log.info("%s", line)
 
     def stop(self) -> None:
-        self._stopping.set()
         with self._lock:
+            self._stopping.set()
             proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -182,4 +256,3 @@ class ManagedBroker:
                 proc.wait()
         if self._thread is not None:
             self._thread.join(STOP_TIMEOUT_S)
-

@@ -14,14 +14,16 @@ The ACL confines every device to its own topic and lets only the daemon read the
 from __future__ import annotations
 
 import base64
-import getpass
 import hashlib
+import os
+import pwd
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.devices.ca import DAEMON_ID, DeviceCA
 from appliance.settings import Settings
+from appliance.store.devices import check_device
 from appliance.store.records import DeviceRecord
 from common.files import write_atomically
 from pki.certs import revocation_list
@@ -62,33 +64,46 @@ class BrokerFiles:
     def crl(self) -> Path:
         return self.folder / "crl.pem"
 
+    @property
+    def daemon_acl(self) -> Path:
+        return self.folder / "acl-daemon"
+
+    @property
+    def pid(self) -> Path:
+        return self.folder / "mosquitto.pid"
+
 
 def write_broker_files(files: BrokerFiles, settings: Settings, ca: DeviceCA, devices: list[DeviceRecord],
-                       revoked: list[tuple[str, float]]) -> None:
+                       revoked: list[tuple[str, str, float]]) -> None:
     """Every file Mosquitto reads, each replaced atomically, the configuration last."""
     b = settings.broker
     files.folder.mkdir(parents=True, exist_ok=True)
     files.folder.chmod(0o700)
     ca.server(b.device_names, b.certificate_days)
+    for d in devices:  # the registry checks them; a bad one here would make Mosquitto drop its whole ACL
+        check_device(d.id, d.kind)
     active = [d for d in devices if d.active]
-    write_atomically(files.crl, revocation_list(ca.identity, [(int(s, 16), at) for s, at in revoked], CRL_DAYS))
+    write_atomically(files.crl, revocation_list(ca.identity, [(int(s, 16), at) for s, _device, at in revoked], CRL_DAYS))
     write_atomically(files.passwords, "".join(f"{d.id}:{d.password_hash}\n" for d in active
                                               if d.auth == "password").encode(), mode=0o600)
     write_atomically(files.acl, acl_text(settings, active).encode(), mode=0o600)
+    write_atomically(files.daemon_acl, daemon_acl_text(settings).encode(), mode=0o600)
     tls = (f"cafile {ca.ca_file}\ncertfile {ca.folder / 'broker.pem'}\nkeyfile {ca.folder / 'broker.key'}\n"
            "tls_version tlsv1.2\n")
-    certificate = tls + f"require_certificate true\nuse_identity_as_username true\ncrlfile {files.crl}\n"
+    certificate = tls + f"require_certificate true\nuse_identity_as_username true\ncrlfile {files.crl}\n" \
+        "allow_anonymous false\n"
     sections = [
         "# written by the appliance from its settings and device registry; edits are overwritten\n"
         # run as the daemon's user: Mosquitto started as root would switch to "mosquitto", who cannot read them
-        f"user {getpass.getuser()}\n"
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
         "per_listener_settings true\npersistence false\nlog_dest stderr\nlog_timestamp false\n"
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n"
         "max_packet_size " + str(settings.ingest.max_frame_bytes + 4096) + "\n",
-        f"# the daemon\nlistener {b.port} 127.0.0.1\n{certificate}acl_file {files.acl}\n",
+        f"# the daemon\nlistener {b.port} 127.0.0.1\n{certificate}acl_file {files.daemon_acl}\n",
         (f"# devices with a certificate from the device CA\nlistener {b.device_port} {b.device_host}\n{certificate}"
         f"acl_file {files.acl}\n"),
         (f"# devices with a password\nlistener {b.password_port} {b.device_host}\n{tls}password_file {files.passwords}\n"
+         "allow_anonymous false\n"
         f"acl_file {files.acl}\n"),
     ]
     if b.allow_anonymous_loopback:
@@ -97,13 +112,18 @@ def write_broker_files(files: BrokerFiles, settings: Settings, ca: DeviceCA, dev
     write_atomically(files.config, "\n".join(sections).encode(), mode=0o600)
 
 
+def daemon_acl_text(settings: Settings) -> str:
+    """The daemon's listener only (loopback): its certificate gives nothing on the devices' listeners."""
+    t = settings.topics
+    return "\n".join([f"user {DAEMON_ID}", f"topic read {t.cameras}/+/frame", f"topic read {t.sensors}/+/telemetry",
+                      f"topic readwrite {t.appliance}/#", "topic read $SYS/#"]) + "\n"
+
+
 def acl_text(settings: Settings, active: list[DeviceRecord]) -> str:
     t = settings.topics
     lines = ["# anonymous clients (the development listener only, when allowed)"]
     if settings.broker.allow_anonymous_loopback:
         lines += [f"topic write {t.cameras}/+/frame", f"topic write {t.sensors}/+/telemetry"]
-    lines += ["", f"user {DAEMON_ID}", f"topic read {t.cameras}/+/frame", f"topic read {t.sensors}/+/telemetry",
-              f"topic readwrite {t.appliance}/#", "topic read $SYS/#"]
     for d in active:
         lines += ["", f"user {d.id}", f"topic write {device_topic(settings, d)}"]
     return "\n".join(lines) + "\n"

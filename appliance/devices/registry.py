@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import secrets
 import shlex
 import time
@@ -20,12 +21,15 @@ from pathlib import Path
 
 from appliance.devices.ca import DeviceCA
 from appliance.devices.mosquitto import device_topic, password_hash
+from appliance.errors import ApplianceError
 from appliance.settings import Settings
 from appliance.store import Store
 from appliance.store.devices import check_device
 from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind
 from common.files import write_atomically
 from pki.certs import pem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +57,10 @@ class Credentials:
         return buf.getvalue()
 
     def write(self, folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
+        """Into a new folder (0700), so that nothing else is overwritten or opened to others."""
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ApplianceError(f"{folder} exists and is not an empty folder; give a new folder for the credentials")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         written = []
         for name, data in self.files.items():
             write_atomically(folder / name, data, mode=0o600)
@@ -75,8 +81,9 @@ class Registry:
         self.store.devices.add(device_id, kind, auth, issued.serial, issued.expires, issued.password_hash)
         self.store.audit_log.add(actor, "devices.add", {"device": device_id, "kind": kind, "auth": auth,
                                                         "certificate": issued.serial}, address)
+        creds = self._credentials(self.store.devices.get(device_id), issued)
         self._changed()
-        return self._credentials(self.store.devices.get(device_id), issued)
+        return creds
 
     def renew(self, device_id: str, actor: str, address: str) -> Credentials:
         device = self.store.devices.get(device_id)
@@ -84,8 +91,9 @@ class Registry:
         self.store.devices.replace_credential(device_id, issued.serial, issued.expires, issued.password_hash)
         self.store.audit_log.add(actor, "devices.renew", {"device": device_id, "certificate": issued.serial,
                                                           "replaced": device.cert_serial}, address)
+        creds = self._credentials(self.store.devices.get(device_id), issued)
         self._changed()
-        return self._credentials(self.store.devices.get(device_id), issued)
+        return creds
 
     def revoke(self, device_id: str, actor: str, address: str) -> DeviceRecord:
         device = self.store.devices.revoke(device_id)
@@ -102,8 +110,14 @@ class Registry:
         self._changed()
 
     def _changed(self) -> None:
-        if self.on_change is not None:
+        """The running broker takes the change now; if it cannot, the daemon's next poll tries again, and the
+        change (already in the store and the audit log) is not undone."""
+        if self.on_change is None:
+            return
+        try:
             self.on_change()
+        except (OSError, ValueError) as e:
+            log.error("the managed broker did not take the device change yet: %s", e)
 
     def _issue(self, device_id: str, auth: DeviceAuth) -> _Issued:
         if auth == "password":

@@ -126,7 +126,7 @@ class Ingest:
 
     def _source(self, msg: ReceiveMessage, kind: SourceKind) -> str | None:
         source = msg.topic.split("/")[1]
-        if not SOURCE_ID.match(source):
+        if not SOURCE_ID.fullmatch(source):
             self._stats.unknown_source("(invalid)", "bad_source_id", msg.received)
             self._log.warning(("(invalid)", "bad_source_id"), "%s topic %r rejected: the source id must be 1-64 of "
                               "A-Z a-z 0-9 _ . - starting with a letter or digit", kind, msg.topic)

@@ -14,7 +14,7 @@ from appliance.store._table import Table, select
 from appliance.store.errors import Conflict, NotFound, StoreError
 from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind, device_from_row
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # the ingest's source ids
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the ingest's source ids
 
 
 class InvalidDevice(StoreError):
@@ -101,13 +101,15 @@ class Devices(Table):
         rows = self._read(lambda db: select(db, "SELECT value FROM meta WHERE key = 'devices_generation'"))
         return int(rows[0]["value"]) if rows else 0
 
-    def revoked_certificates(self) -> list[tuple[str, float]]:
-        rows = self._read(lambda db: select(db, "SELECT serial, revoked FROM revoked_certificates ORDER BY revoked"))
-        return [(str(r["serial"]), float(r["revoked"])) for r in rows]
+    def revoked_certificates(self) -> list[tuple[str, str, float]]:
+        """(serial, device, revoked at) of every certificate revoked or replaced."""
+        rows = self._read(lambda db: select(db, "SELECT serial, device, revoked FROM revoked_certificates"
+                                                " ORDER BY revoked"))
+        return [(str(r["serial"]), str(r["device"]), float(r["revoked"])) for r in rows]
 
 
 def check_device(device_id: str, kind: str) -> None:
-    if not DEVICE_ID.match(device_id):
+    if not DEVICE_ID.fullmatch(device_id):
         raise InvalidDevice(f"device id {device_id[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting "
                             "with a letter or digit (it is the camera's or sensor's topic name)")
     if kind not in ("camera", "sensor"):
