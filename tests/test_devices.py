@@ -9,6 +9,8 @@ import json
 import sqlite3
 import ssl
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -18,7 +20,7 @@ from playwright.sync_api import Browser, expect
 
 from appliance.demo.scene import render_frame
 from pki.certs import issue, name
-from tests.conftest import Daemon, DaemonFactory, free_port, wait_until, write_app
+from tests.conftest import Daemon, DaemonFactory, free_port, new_daemon, wait_until, write_app
 from tests.test_console_browser import add_users, log_in, new_page
 from tests.test_console_pages import csrf_of
 from tests.test_e2e import PERSON_RULE, serving
@@ -71,19 +73,38 @@ class Device:
         self.client.disconnect()
 
 
-def managed(make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> tuple[Daemon, dict[str, int]]:
-    ports = {"device": free_port(), "password": free_port()}
-    d = make_daemon(broker_port=free_port(), start=False, broker_extra=f"""
+@dataclass
+class Site:
+    """One managed box for the tests of this module: cam1, cam2 (certificates) and gas1 (password) enrolled with
+    the CLI before it started, an admin and a viewer, the detector app serving."""
+
+    d: Daemon
+    cam1: Path
+    cam2: Path
+    gas: Path
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("devices")
+    d = new_daemon(folder, free_port(), broker_extra=f"""
         device_host = "127.0.0.1"
-        device_port = {ports["device"]}
-        password_port = {ports["password"]}
+        device_port = {free_port()}
+        password_port = {free_port()}
         device_names = ["127.0.0.1"]
         """)
     d.config.write_text(d.config.read_text().replace('mode = "external"', 'mode = "managed"'))
     d.cli("models", "add", str(models["demo-detector"]))
-    d.cli("apps", "add", str(write_app(tmp_path / "ppe.json", "ppe-watch", "demo-detector", ["cameras/+/frame"],
+    d.cli("apps", "add", str(write_app(folder / "ppe.json", "ppe-watch", "demo-detector", ["cameras/+/frame"],
                                        [PERSON_RULE])))
-    return d, ports
+    add_users(d, {"boss": "admin", "watcher": "viewer"})
+    creds = [add(d, folder, "cam1", "--kind", "camera"), add(d, folder, "cam2", "--kind", "camera"),
+             add(d, folder, "gas1", "--kind", "sensor", "--password")]
+    d.start()
+    wait_until(lambda: serving(d, "ppe-watch"), 30, what="the app serving")
+    yield Site(d, *creds, folder)
+    d.stop()
 
 
 def events(d: Daemon, source: str) -> int:
@@ -99,13 +120,8 @@ def add(d: Daemon, tmp_path: Path, device: str, *args: str) -> Path:
 
 
 def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_strangers_are_refused(
-        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path) -> None:
-    d, _ = managed(make_daemon, models, tmp_path)
-    cam1 = add(d, tmp_path, "cam1", "--kind", "camera")
-    cam2 = add(d, tmp_path, "cam2", "--kind", "camera")
-    gas = add(d, tmp_path, "gas1", "--kind", "sensor", "--password")
-    d.start()
-    wait_until(lambda: serving(d, "ppe-watch"), 30, what="the app serving")
+        site: Site, tmp_path: Path) -> None:
+    d, cam1, cam2, gas = site.d, site.cam1, site.cam2, site.gas
     assert d.status()["broker"]["connected"], "the daemon is on its own broker with its own certificate"
 
     one = Device(cam1)
@@ -171,10 +187,8 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
 
 
 def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_others_cannot(
-        make_daemon: DaemonFactory, models: dict[str, Path], tmp_path: Path, browser: Browser) -> None:
-    d, _ = managed(make_daemon, models, tmp_path)
-    add_users(d, {"boss": "admin", "watcher": "viewer"})
-    d.start()
+        site: Site, tmp_path: Path, browser: Browser) -> None:
+    d = site.d
     page = new_page(browser, d)
     log_in(page, "boss", "/sources")
     page.locator("details:has(#add-device) > summary").click()
@@ -223,7 +237,8 @@ def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_o
     assert "PRIVATE KEY" not in text and key_line not in text, "no key material in the diagnostics bundle"
     forged.context.close()
 
-    # a daemon killed outright takes its Mosquitto with it: no broker is left serving the old files
+    # last, as it ends the module's box: a daemon killed outright takes its Mosquitto with it, so that no
+    # broker is left serving the old files
     pid = int((d.state_dir / "broker" / "mosquitto.pid").read_text())
     assert d.proc is not None
     d.proc.kill()
