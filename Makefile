@@ -20,8 +20,11 @@ system-packages-demo system-packages-test system-packages-bench:
 demo: system-packages-demo $(STAMP)
 	$(BIN)/appliance demo
 
+# The suite mostly waits on real processes (daemons, brokers, a browser), so it runs in TEST_WORKERS pytest-xdist
+# workers, each test file on one worker (a module's shared box stays in one process); TEST_WORKERS=0 runs serially
+TEST_WORKERS ?= 2
 test: system-packages-test $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Regenerates docs/BENCHMARKS.md, its plots and docs/bench/results.json (about 20 minutes; not part of make test)
 bench: system-packages-bench $(STAMP)

@@ -16,6 +16,7 @@ a box with another refuses it before downloading anything.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shutil
@@ -98,10 +99,12 @@ def dependency_wheels(pyproject: Path, house: Path = WHEELHOUSE) -> list[Path]:
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     pins = closure(deps)
     house.mkdir(parents=True, exist_ok=True)
-    missing = [f"{n}=={v}" for n, v in sorted(pins.items()) if _wheel_for(house, n, v) is None]
-    if missing:
-        print(f"fetching {len(missing)} dependency wheels into {house}", file=sys.stderr)
-        _pip(["wheel", "--no-deps", "--wheel-dir", str(house), *missing], "fetching the dependency wheels")
+    with open(house / ".lock", "w") as lock:  # another build (a parallel test worker) may be filling it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        missing = [f"{n}=={v}" for n, v in sorted(pins.items()) if _wheel_for(house, n, v) is None]
+        if missing:
+            print(f"fetching {len(missing)} dependency wheels into {house}", file=sys.stderr)
+            _pip(["wheel", "--no-deps", "--wheel-dir", str(house), *missing], "fetching the dependency wheels")
     wheels = []
     for n, v in sorted(pins.items()):
         w = _wheel_for(house, n, v)
