@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_POLL_S = 1.0  # how often the store is asked whether models or apps changed
 SOURCES_FLUSH_S = 10.0  # how often source last-seen times are written to the store
+DEVICES_FLUSH_S = 2.0  # how often what the managed broker saw of the devices is written (nothing seen: no write)
 MODELS_LOAD_WAIT_S = 60.0  # at start, ingest waits this long at most for the models to load
 
 
@@ -83,7 +84,7 @@ class Daemon:
         self.started = time.time()
         self.store: Store | None = None
         self.broker = EmbeddedBroker(s.broker.host, s.broker.port) if s.broker.mode == "embedded" else None
-        self.managed = ManagedBroker(s, self._device_seen) if s.broker.mode == "managed" else None
+        self.managed = ManagedBroker(s) if s.broker.mode == "managed" else None
         i = s.ingest
         self.stats = Stats(i.source_silent_s, latest_frames_bytes=i.latest_frames_bytes,
                            forget_after_s=i.source_forget_s, unknown_kept=i.unknown_sources_kept)
@@ -101,7 +102,8 @@ class Daemon:
         base = f"{s.topics.appliance}/{s.device_id}"
         self.status_topic, self.commands_topic = f"{base}/status", f"{base}/commands"
         self.results_topic = f"{base}/results"
-        self.mqtt = MqttClient(self.managed.client_settings() if self.managed else s.broker, client_id=f"appliance-{s.device_id}",
+        self.mqtt = MqttClient(self.managed.client_settings() if self.managed else s.broker,
+                               client_id=self.managed.client_id if self.managed else f"appliance-{s.device_id}",
                                will=(self.status_topic, self._status_payload("offline")),
                                on_connection_change=self._on_connection)
         self.events: EventSink | None = None
@@ -221,6 +223,7 @@ class Daemon:
             self._every(CONFIG_POLL_S, self._reload, "config-watch"),
             self._every(s.retention.prune_interval_s, self._prune, "retention"),
             self._every(SOURCES_FLUSH_S, self._flush_sources, "sources"),
+            self._every(DEVICES_FLUSH_S, self._flush_devices, "devices"),
             self._every(UTILISATION_S, self.partitions.sample_cpu, "utilisation"),
             self._every(GIVE_BACK_CHECK_S, self.give_back.check, "give-back"),
         ]
@@ -338,6 +341,7 @@ class Daemon:
             self.broker.stop()
         if self.managed is not None:
             await asyncio.to_thread(self.managed.stop)
+            await self._flush_devices()
         await self._flush_sources()
         if self.appstore is not None:
             self.appstore.close()
@@ -346,13 +350,6 @@ class Daemon:
         log.info("appliance stopped")
 
     # timers
-
-    def _device_seen(self, device_id: str) -> None:
-        """The managed broker let a device in (its log reader's thread)."""
-        store = self.store
-        if store is not None:
-            with contextlib.suppress(StoreError):
-                store.devices.connected(device_id, time.time())
 
     async def _reload(self, force: bool = False) -> None:
         store, pipeline = self.store, self.pipeline
@@ -385,6 +382,13 @@ class Daemon:
         rows: list[tuple[str, str, float]] = list(self.stats.last_seen())
         if rows:
             await asyncio.get_running_loop().run_in_executor(None, self.store.sources.touch, rows)
+
+    async def _flush_devices(self) -> None:
+        if self.managed is not None and self.store is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.managed.flush, self.store)
+            except StoreError as e:
+                log.error("cannot record what the managed broker saw of the devices: %s", e)
 
     # status
 

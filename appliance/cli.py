@@ -390,14 +390,21 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 print("no devices yet: appliance devices add cam1 --kind camera")
             for d in devices:
                 state = "revoked" if d.revoked else "active"
-                print(f"{d.id:<24} {d.kind:<7} {d.auth:<12} {state:<8} last connect "
-                      f"{_time(d.last_connect) if d.last_connect else 'never'}")
+                print(f"{d.id:<24} {d.kind:<7} {d.auth:<12} {state:<8} last connect {_time(d.last_connect)}, "
+                      f"last message {_time(d.last_message)}, refused {d.refusals}"
+                      + (f" (last {_time(d.last_refusal_ts)}: {d.last_refusal})" if d.refusals else ""))
+            if refused := store.devices.refused_connections(20):
+                print("\nrefused before the broker knew the device (newest first):")
+            for r in refused:
+                print(f"{r.address:<24} {r.listener:<12} {r.count:>5}x, last {_time(r.last)}: {r.reason}"
+                      + (f" ({r.hint} connected from there before)" if r.hint else ""))
     return 0
 
 
 def _device_json(d: DeviceRecord) -> dict[str, object]:
     return {"id": d.id, "kind": d.kind, "auth": d.auth, "created": d.created, "certificate_serial": d.cert_serial,
-            "expires": d.expires, "revoked": d.revoked, "last_connect": d.last_connect}
+            "expires": d.expires, "revoked": d.revoked, "last_connect": d.last_connect, "last_message": d.last_message,
+            "refusals": d.refusals, "last_refusal": d.last_refusal, "last_refusal_ts": d.last_refusal_ts}
 
 
 def cmd_provision(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from playwright.sync_api import Browser, expect
 
 from appliance.demo.scene import render_frame
+from appliance.devices.activity import BrokerActivity
 from pki.certs import issue, name
 from tests.conftest import Daemon, DaemonFactory, free_port, new_daemon, wait_until, write_app
 from tests.test_console_browser import add_users, log_in, new_page
@@ -148,6 +149,22 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
     sensor = Device(gas)
     assert sensor.connect() and sensor.publish("sensors/gas1/telemetry", b'{"ts": 1, "ch4": 0.1}') == 0
 
+    # what was refused is there for the admin: per device, and per address before a device was known
+    def shown(device: str) -> dict[str, object]:
+        return dict(json.loads(d.cli("devices", "show", device).stdout))
+
+    wait_until(lambda: int(str(shown("cam1")["refusals"])) >= 2, 20, what="cam1's refused publishes counted")
+    cam1_seen = shown("cam1")
+    assert "appliance/x/commands" in str(cam1_seen["last_refusal"]) and cam1_seen["last_message"], cam1_seen
+    assert shown("cam2")["refusals"] == 0 and shown("cam2")["last_message"] is None, "cam2 sent nothing yet"
+    wait_until(lambda: "wrong user name or password" in d.cli("devices", "list").stdout, 20,
+               what="the refused connections listed")
+    listed = d.cli("devices", "list").stdout
+    assert "sent no client certificate" in listed and "not from this appliance's device CA" in listed, listed
+    assert "connected from there before" in listed, "the address is tied to the device last seen there"
+    log = d.log()
+    assert "Denied PUBLISH" not in log and "Received PUBLISH" not in log, "per-message lines stay out of the log"
+
     # the daemon's own certificate gives nothing on the devices' listener
     daemon = Device(cam1, cert=d.state_dir / "devices" / "daemon.pem", key=d.state_dir / "devices" / "daemon.key")
     assert daemon.connect() and daemon.publish("appliance/x/commands", b"{}") == 135
@@ -203,9 +220,16 @@ def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_o
     cam = Device(folder)
     assert cam.connect() and cam.publish("cameras/dock-cam/frame", render_frame(0.0, 0)) == 0
     wait_until(lambda: events(d, "dock-cam") > 0, 30, what="an event from the camera enrolled on the console")
+    assert cam.publish("cameras/cam1/frame", render_frame(0.0, 0)) == 135, "not another camera's topic"
+    assert not Device(folder, no_certificate=True).connect()
+    wait_until(lambda: '"refusals": 1' in d.cli("devices", "show", "dock-cam").stdout, 20,
+               what="the refused publish counted")
     page.reload()
-    expect(page.locator("#device-dock-cam")).to_contain_text("Active")
-    expect(page.locator("#device-dock-cam")).not_to_contain_text("never")  # its connection was seen
+    row = page.locator("#device-dock-cam")
+    expect(row).to_contain_text("Active")
+    expect(row).not_to_contain_text("never")  # its connection and its message were seen
+    expect(row.locator(".refusals")).to_contain_text("published to cameras/cam1/frame")
+    expect(page.locator("#refused")).to_contain_text("it sent no client certificate")
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("#device-dock-cam form[action$='/revoke'] button").click()
     expect(page.locator(".flash")).to_contain_text("Device revoked")
@@ -257,3 +281,44 @@ def test_managed_mode_names_a_missing_device_address_and_a_missing_mosquitto(
     r = d.cli("run", check=False)
     assert r.returncode != 0 and "'no-such-mosquitto' is not installed" in r.stderr
     assert "apt-get install mosquitto" in r.stderr
+
+
+def test_the_broker_log_reader_credits_only_authenticated_names_and_keeps_refusals_by_address() -> None:
+    """Lines as Mosquitto 2.0.11 writes them (recorded from the managed configuration)."""
+    clock = iter(float(t) for t in range(100, 200))
+    activity = BrokerActivity({8883: "certificate", 8884: "password"}, clock=lambda: next(clock))
+    lines = [
+        "New connection from 10.0.0.5:56468 on port 8883.",
+        "New client connected from 10.0.0.5:56468 as cam1 (p5, c1, k60, u'cam1').",
+        "Received PUBLISH from cam1 (d0, q0, r0, m0, 'cameras/cam1/frame', ... (60000 bytes))",
+        "Denied PUBLISH from cam1 (d0, q1, r0, m1, 'cameras/cam2/frame', ... (1 bytes))",
+        "Sending PUBACK to cam1 (m1, rc135)",
+        # a client id that mimics a user name: only the last u'...' (the one Mosquitto authenticated) counts
+        "New client connected from 10.0.0.7:1 as ok (p2, c1, k60, u'cam9') (p2, c1, k60, u'gas1').",
+        "New client connected from 127.0.0.1:52397 as _appliance-box (p5, c1, k30, u'_appliance').",
+        "Received PUBLISH from _appliance-box (d0, q1, r0, m3, 'appliance/box/status', ... (90 bytes))",
+        "New connection from 10.0.0.5:39457 on port 8883.",
+        "OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed",
+        "Client <unknown> disconnected: Protocol error.",
+        "Client connection from 10.0.0.9 failed: error:0A0000C7:SSL routines::peer did not return a certificate.",
+        "New connection from 10.0.0.9:54498 on port 8884.",
+        "Sending CONNACK to 10.0.0.9 (0, 5)",
+        "Client <unknown> disconnected, not authorised.",
+        "New connection from 10.0.0.9:54500 on port 8884.",
+        "Client <unknown> disconnected, not authorised.",
+    ]
+    assert [activity.observe(line) for line in lines] == [True] * len(lines)
+    assert not activity.observe("mosquitto version 2.0.11 running"), "other lines are the caller's to log"
+    devices, refused = activity.take()
+    assert set(devices) == {"cam1", "gas1"}, "the daemon and a name in a client id are not devices"
+    cam1 = devices["cam1"]
+    assert cam1.last_connect and cam1.last_message and cam1.refusals == 1
+    assert "cameras/cam2/frame" in cam1.last_refusal
+    by_reason = {(r.address, r.listener, r.count): r for r in refused}
+    assert set(by_reason) == {("10.0.0.5", "certificate", 1), ("10.0.0.9", "certificate", 1),
+                              ("10.0.0.9", "password", 2)}
+    assert by_reason[("10.0.0.5", "certificate", 1)].hint == "cam1", "cam1 connected from 10.0.0.5 before"
+    assert "device CA" in by_reason[("10.0.0.5", "certificate", 1)].reason
+    assert "no client certificate" in by_reason[("10.0.0.9", "certificate", 1)].reason
+    assert "wrong user name or password" in by_reason[("10.0.0.9", "password", 2)].reason
+    assert activity.take() == ({}, []), "what was taken is not handed over twice"

@@ -40,6 +40,9 @@ LABELS: dict[str, str] = {
     # sources
     "receiving": N_("Receiving"), "silent": N_("Silent"), "rejecting": N_("Rejecting"),
     "camera": N_("Camera"), "sensor": N_("Sensor"),
+    # the managed broker's listeners
+    "certificate": N_("Client certificate"), "password": N_("User name and password"),
+    "daemon": N_("The appliance's own"), "anonymous": N_("Anonymous (development)"),
     # apps, models, workers
     "serving": N_("Serving"), "degraded": N_("Degraded"), "disabled": N_("Disabled"),
     "not placed": N_("Not placed"), "loading": N_("Loading"), "ready": N_("Ready"), "failed": N_("Failed"),

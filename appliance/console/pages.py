@@ -107,8 +107,8 @@ def sources(who: PageViewer, request: Request) -> Response:
                              trend[-1][1].get(c, float("nan"))) for c in channels]
     cameras = [s for s in status.sources if s.kind == "camera"]
     sensors = [s for s in status.sources if s.kind == "sensor"]
-    devices = ctx.store.devices.all()
-    return render(request, "sources.html", who, cameras=cameras, sensors=sensors, charts=charts, devices=devices,
+    devices, refused = ctx.store.devices.all(), ctx.store.devices.refused_connections()
+    return render(request, "sources.html", who, cameras=cameras, sensors=sensors, charts=charts, devices=devices, refused=refused,
                   managed=status.broker.mode == "managed", expiry_warning_s=EXPIRY_WARNING_S,
                   unknown=status.unknown_sources.recent, now=time.time())
 

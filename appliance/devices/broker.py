@@ -1,8 +1,9 @@
 """The managed broker: Mosquitto as a supervised child of the daemon, run from the files
 :mod:`appliance.devices.mosquitto` writes.
 
-Its log lines come into the appliance's log (``appliance.mosquitto``), and each device's connections into
-the device registry, for the console. It is restarted with backoff when it dies, and dies with the daemon
+Its log lines come into the appliance's log (``appliance.mosquitto``), and what they say of each device
+(connections, messages, refusals: :mod:`appliance.devices.activity`) into the device registry, for the
+console. It is restarted with backoff when it dies, and dies with the daemon
 (a stale one left by a killed daemon is ended at the next start). A change to the registry (from the
 console, or from ``appliance devices`` in another process: the store's ``devices_generation``) rewrites
 the files and sends SIGHUP, which reloads the ACL, the password file and the CRL without dropping the
@@ -17,15 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 
+from appliance.devices.activity import BrokerActivity
 from appliance.devices.ca import DAEMON_ID, DAEMON_STEM, DeviceCA
 from appliance.devices.mosquitto import BrokerFiles, write_broker_files
 from appliance.errors import ApplianceError
@@ -41,7 +40,6 @@ STOP_TIMEOUT_S = 10.0
 RELOAD_TIMEOUT_S = 5.0
 RELOAD_ERRORS_S = 0.5  # after "Reloading config.", errors about the files come within this
 STAYED_UP_S = 5.0
-CONNECTED = re.compile(r"New client connected from (\S+) as \S+ \(.*u'([^']*)'\)\.?$")
 
 
 class ManagedBrokerError(ApplianceError):
@@ -49,12 +47,14 @@ class ManagedBrokerError(ApplianceError):
 
 
 class ManagedBroker:
-    def __init__(self, settings: Settings, on_connect: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ca = DeviceCA(settings.state_dir / "devices", settings.device_id)
         self.files = BrokerFiles(settings.state_dir / "broker")
         self.daemon_identity = self.ca.daemon(settings.broker.certificate_days)
-        self.on_connect = on_connect  # a device (by the user name it authenticated as) connected
+        b = settings.broker
+        self.activity = BrokerActivity({b.device_port: "certificate", b.password_port: "password", b.port: "daemon",
+                                        b.anonymous_port: "anonymous"})
         self._proc: subprocess.Popen[str] | None = None
         self._exe = ""
         self._stopping = threading.Event()
@@ -64,10 +64,17 @@ class ManagedBroker:
         self._reload_errors: list[str] = []
         self._restart = threading.Event()  # the supervisor starts the next Mosquitto at once
         self._started = threading.Event()  # set by the supervisor each time a Mosquitto listens
+        self._running = threading.Event()  # the current child logged that it runs
         self._generation = -1
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
         self._first_start_error = ""
+
+    @property
+    def client_id(self) -> str:
+        """The daemon's MQTT client id: one that no device listener gives (they name each client after its
+        device id, which never starts with "_"), so that no device can take the daemon's session over."""
+        return f"{DAEMON_ID}-{self.settings.device_id}"
 
     def client_settings(self) -> BrokerSettings:
         """How the daemon connects: loopback, TLS, its own certificate from the device CA."""
@@ -200,6 +207,7 @@ class ManagedBroker:
         with self._lock:
             if self._stopping.is_set():
                 return None
+            self._running.clear()
             self._proc = subprocess.Popen(
                 [self._exe, "-c", str(self.files.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, errors="replace", preexec_fn=die_with_parent)  # noqa: PLW1509 (die with this thread)
@@ -209,16 +217,13 @@ class ManagedBroker:
         return proc
 
     def _listening(self, proc: subprocess.Popen[str]) -> bool:
+        """Mosquitto says "running" once every listener is open (our own child's line, so not a stale one)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and not self._stopping.is_set():
+            if self._running.wait(0.05):
+                return proc.poll() is None
             if proc.poll() is not None:
                 return False
-            try:
-                socket.create_connection(("127.0.0.1", self.settings.broker.port), timeout=0.5).close()
-            except OSError:
-                self._stopping.wait(0.05)
-                continue
-            return proc.poll() is None  # our own child answered, not a stale one
         return False
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
@@ -229,19 +234,25 @@ class ManagedBroker:
         proc.stdout.close()
 
     def _observe(self, line: str) -> None:
-        if line.startswith("Reloading config"):
+        if line.startswith("mosquitto version") and line.endswith(" running"):
+            self._running.set()
+            log.info("%s", line)
+        elif line.startswith("Reloading config"):
             self._reloading.set()
             log.info("%s", line)
-        elif m := CONNECTED.search(line):
-            if m.group(2) != DAEMON_ID and self.on_connect:
-                self.on_connect(m.group(2))
-            log.info("%s", line)
-        elif line.startswith(("Error", "OpenSSL Error")) or "failed" in line:
+        elif self.activity.observe(line):
+            return
+        elif line.startswith("Error") or "failed" in line:
             if self._reloading.is_set() and line.startswith("Error"):  # about its files, not a client
                 self._reload_errors.append(line)
             log.warning("%s", line)
         else:
             log.info("%s", line)
+
+    def flush(self, store: Store) -> None:
+        """What the log said of the devices since the last flush, into the registry (the console reads it there)."""
+        devices, refused = self.activity.take()
+        store.devices.record_activity(devices, refused)
 
     def stop(self) -> None:
         with self._lock:

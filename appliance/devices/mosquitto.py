@@ -92,18 +92,25 @@ def write_broker_files(files: BrokerFiles, settings: Settings, ca: DeviceCA, dev
            "tls_version tlsv1.2\n")
     certificate = tls + f"require_certificate true\nuse_identity_as_username true\ncrlfile {files.crl}\n" \
         "allow_anonymous false\n"
+    # every device goes by its user name (its id), so that each log line names the device
+    # (appliance.devices.activity); a second connection with the same credential takes the session over. Not
+    # the daemon: its chosen client id is one no device listener gives, so no device can take its session.
+    by_name = "use_username_as_clientid true\n"
     sections = [
         "# written by the appliance from its settings and device registry; edits are overwritten\n"
         # run as the daemon's user: Mosquitto started as root would switch to "mosquitto", who cannot read them
         f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
         "per_listener_settings true\npersistence false\nlog_dest stderr\nlog_timestamp false\n"
-        "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\n"
+        # debug: a refused publish is logged at no other level (the reader counts the per-message lines and
+        # keeps them out of the appliance's log)
+        "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type debug\n"
+        "connection_messages true\n"
         "max_packet_size " + str(settings.ingest.max_frame_bytes + 4096) + "\n",
         f"# the daemon\nlistener {b.port} 127.0.0.1\n{certificate}acl_file {files.daemon_acl}\n",
         (f"# devices with a certificate from the device CA\nlistener {b.device_port} {b.device_host}\n{certificate}"
-        f"acl_file {files.acl}\n"),
+        f"{by_name}acl_file {files.acl}\n"),
         (f"# devices with a password\nlistener {b.password_port} {b.device_host}\n{tls}password_file {files.passwords}\n"
-         "allow_anonymous false\n"
+         f"{by_name}allow_anonymous false\n"
         f"acl_file {files.acl}\n"),
     ]
     if b.allow_anonymous_loopback:

@@ -7,13 +7,22 @@ every certificate ever revoked or replaced stays in ``revoked_certificates``, fr
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from sqlite_utils import Database
 
 from appliance.store._table import Table, select
 from appliance.store.errors import Conflict, NotFound, StoreError
-from appliance.store.records import DeviceAuth, DeviceRecord, SourceKind, device_from_row
+from appliance.store.records import (
+    DeviceActivity,
+    DeviceAuth,
+    DeviceRecord,
+    RefusedConnection,
+    SourceKind,
+    device_from_row,
+)
 
+REFUSED_KEPT = 500  # rows of refused_connections kept: the most recent (a scan from many addresses stays bounded)
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the ingest's source ids
 
 
@@ -78,14 +87,39 @@ class Devices(Table):
 
         self._write(write)
 
-    def connected(self, device_id: str, at: float) -> None:
-        self._write(lambda db: db.execute(
-            "UPDATE devices SET last_connect = max(coalesce(last_connect, 0), ?) WHERE id = ?", (at, device_id)))
+    def record_activity(self, devices: Mapping[str, DeviceActivity], refused: list[RefusedConnection]) -> None:
+        """What the broker's log said since the last call: each device's connections, messages and refusals, and
+        the connections refused before a device was known (the most recent ``REFUSED_KEPT`` are kept)."""
+        if not devices and not refused:
+            return
+        rows = [(a.last_connect, a.last_message, a.refusals, a.last_refusal[:300], a.last_refusal_ts, device_id)
+                for device_id, a in devices.items()]
 
-    def refused(self, device_id: str, reason: str, at: float) -> None:
-        self._write(lambda db: db.execute(
-            "UPDATE devices SET refusals = refusals + 1, last_refusal = ?, last_refusal_ts = ? WHERE id = ?",
-            (reason[:300], at, device_id)))
+        def write(db: Database) -> None:
+            db.conn.executemany(
+                "UPDATE devices SET"
+                " last_connect = CASE WHEN ?1 IS NULL THEN last_connect ELSE max(coalesce(last_connect, 0), ?1) END,"
+                " last_message = CASE WHEN ?2 IS NULL THEN last_message ELSE max(coalesce(last_message, 0), ?2) END,"
+                " refusals = refusals + ?3,"
+                " last_refusal = CASE WHEN ?5 IS NULL THEN last_refusal ELSE ?4 END,"
+                " last_refusal_ts = coalesce(?5, last_refusal_ts) WHERE id = ?6", rows)
+            db.conn.executemany(
+                "INSERT INTO refused_connections (address, listener, reason, count, first, last, hint)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, listener, reason) DO UPDATE SET"
+                " count = count + excluded.count, last = max(last, excluded.last),"
+                " hint = CASE WHEN excluded.hint = '' THEN hint ELSE excluded.hint END",
+                [(r.address, r.listener, r.reason, r.count, r.first, r.last, r.hint) for r in refused])
+            db.execute("DELETE FROM refused_connections WHERE rowid NOT IN"
+                       " (SELECT rowid FROM refused_connections ORDER BY last DESC LIMIT ?)", (REFUSED_KEPT,))
+
+        self._write(write)
+
+    def refused_connections(self, limit: int = 50) -> list[RefusedConnection]:
+        rows = self._read(lambda db: select(db, "SELECT * FROM refused_connections ORDER BY last DESC LIMIT ?",
+                                                (limit,)))
+        return [RefusedConnection(address=str(r["address"]), listener=str(r["listener"]), reason=str(r["reason"]),
+                                  count=int(r["count"]), first=float(r["first"]), last=float(r["last"]),
+                                  hint=str(r["hint"])) for r in rows]
 
     def get(self, device_id: str) -> DeviceRecord:
         rows = self._read(lambda db: select(db, "SELECT * FROM devices WHERE id = ?", (device_id,)))

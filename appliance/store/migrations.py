@@ -243,6 +243,21 @@ INSERT INTO meta (key, value) VALUES ('devices_generation', 0);
                      ("INSERT", "DELETE")) + _bump_triggers(
     "devices_generation", "bumps_devices_generation", ("devices",), ("UPDATE OF cert_serial, password_hash, revoked",))
 
+_V8 = """
+ALTER TABLE devices ADD COLUMN last_message REAL;
+CREATE TABLE refused_connections (
+    address TEXT NOT NULL,
+    listener TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    first REAL NOT NULL,
+    last REAL NOT NULL,
+    hint TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (address, listener, reason)
+);
+CREATE INDEX refused_connections_last ON refused_connections (last);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, _V1, "models, apps, sources, events, audit log, meta"),
     Migration(2, _V2, "apps.previous_manifest for rollback"),
@@ -251,6 +266,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, _V5, "hard samples: the spool's index and its drops"),
     Migration(6, _V6, "samples the AppStore refused, with its reason"),
     Migration(7, _V7, "device access: cameras' and sensors' credentials, revoked certificates"),
+    Migration(8, _V8, "device access: each device's last message, connections refused before the device was known"),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

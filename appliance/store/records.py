@@ -91,10 +91,36 @@ class DeviceRecord:
     refusals: int
     last_refusal: str
     last_refusal_ts: float | None
+    last_message: float | None = None
 
     @property
     def active(self) -> bool:
         return self.revoked is None
+
+
+@dataclass(slots=True)
+class DeviceActivity:
+    """What the managed broker's log said one device did since the last flush to the store."""
+
+    last_connect: float | None = None
+    last_message: float | None = None
+    refusals: int = 0
+    last_refusal: str = ""
+    last_refusal_ts: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class RefusedConnection:
+    """Connections the managed broker refused before it knew which device they were (by address, listener and
+    reason); ``hint`` is the device that last connected from that address, if any."""
+
+    address: str
+    listener: str
+    reason: str
+    count: int
+    first: float
+    last: float
+    hint: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -238,7 +264,8 @@ def device_from_row(row: Mapping[str, Any]) -> DeviceRecord:
         id=str(row["id"]), kind=cast(SourceKind, str(row["kind"])), auth=cast(DeviceAuth, str(row["auth"])),
         created=float(row["created"]), cert_serial=str(row["cert_serial"]), expires=when("expires"),
         password_hash=str(row["password_hash"]), revoked=when("revoked"), last_connect=when("last_connect"),
-        refusals=int(row["refusals"]), last_refusal=str(row["last_refusal"]), last_refusal_ts=when("last_refusal_ts"))
+        refusals=int(row["refusals"]), last_refusal=str(row["last_refusal"]), last_refusal_ts=when("last_refusal_ts"),
+        last_message=when("last_message"))
 
 
 def event_from_row(row: Mapping[str, Any]) -> EventRecord:
