@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from pydantic import ValidationError
 
 from appliance.auth.passwords import is_password_hash
@@ -39,6 +40,7 @@ from appstore_client.fleet import enrol, fetch_bundle
 from common.files import write_atomically
 from formats.errors import describe_validation_error
 from formats.provisioning import ConveyedInformation, DeviceProof, Purpose
+from pki.certs import CertificateError, key_pem, load_certificate, load_key, name, new_key, same_key, signing_request
 from provisioning.agent import Agent, Source, Unavailable, UsbSource
 from provisioning.errors import ProvisioningError, Refused
 from provisioning.factory import FOLDER as FACTORY_FOLDER
@@ -57,10 +59,10 @@ KEPT_BY_RESET = frozenset({FACTORY_FOLDER, "releases", "current", "previous", "w
                            "launcher.child"})
 
 
-def proof(factory: Factory, purpose: Purpose) -> DeviceProof:
+def proof(factory: Factory, purpose: Purpose, csr: str | None = None) -> DeviceProof:
     now = time.time()
-    certificate, signature = prove(factory.identity, purpose, now)
-    return DeviceProof(certificate=certificate, purpose=purpose, time=now, signature=signature)
+    certificate, signature = prove(factory.identity, purpose, now, csr)
+    return DeviceProof(certificate=certificate, purpose=purpose, time=now, signature=signature, csr=csr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,9 @@ class Provisioner:
         self.state_dir = settings.state_dir.resolve()
         self.folder = self.state_dir / FOLDER
         self.factory_settings = self.folder / "factory-settings.toml"
+        # the operational identity: a key made here, certified by the AppStore's fleet CA at enrolment
+        self.client_key = self.folder / "appstore-client.key"
+        self.client_cert = self.folder / "appstore-client.pem"
 
     def base(self) -> dict[str, Any]:
         """The settings as the factory left them (saved before the first provisioning changes them)."""
@@ -105,7 +110,7 @@ class Provisioner:
             write_atomically(self.factory_settings, raw, mode=0o600)
         return tomllib.loads(self.factory_settings.read_text())
 
-    def tree(self, conveyed: ConveyedInformation, token: str | None) -> dict[str, Any]:
+    def tree(self, conveyed: ConveyedInformation, token: str | None, client_certificate: bool = False) -> dict[str, Any]:
         for key in SET_BY_CONVEYED:
             if key in conveyed.settings:
                 raise Refused("settings", f"settings.{key}: set by the conveyed information itself (its "
@@ -124,6 +129,8 @@ class Provisioner:
             appstore["ca_file"] = str(self.folder / "appstore-ca.pem")
         if token:
             appstore["device_token"] = token
+        if client_certificate:
+            appstore["cert_file"], appstore["key_file"] = str(self.client_cert), str(self.client_key)
         tree["appstore"] = appstore
         if conveyed.site:
             tree.setdefault("samples", {}).setdefault("site", conveyed.site)
@@ -154,11 +161,13 @@ class Provisioner:
         self._write_settings(tree)
 
     def enrol(self, factory: Factory, conveyed: ConveyedInformation) -> None:
+        key = self._operational_key()
+        csr = signing_request(key, name(conveyed.device_id)).decode()
         folder_ca = self.folder / "appstore-ca.pem"
-        conn = Connection(ConnectionOptions(url=conveyed.appstore.url,
+        conn = Connection(ConnectionOptions(url=conveyed.appstore.enrol_url or conveyed.appstore.url,
                                             ca_file=folder_ca if conveyed.appstore.ca_pem else None))
         try:
-            answer = enrol(conn, proof(factory, "enrol"))
+            answer = enrol(conn, proof(factory, "enrol", csr))
         except Unreachable as e:
             raise Unavailable(f"{e}; trying again") from e
         except AppStoreRefused as e:
@@ -169,12 +178,32 @@ class Provisioner:
         if answer.device_id != conveyed.device_id:
             raise Refused("enrol", f"the AppStore enrolled this box as {answer.device_id}, but its configuration "
                                    f"names {conveyed.device_id}")
-        self._write_settings(self.tree(conveyed, token=answer.token))
+        if answer.certificate is not None:
+            try:
+                cert = load_certificate(answer.certificate, "the AppStore's client certificate for this box")
+            except CertificateError as e:
+                raise Refused("enrol", f"{e}; trying again") from e
+            if not same_key(cert, key):
+                raise Refused("enrol", "the AppStore's client certificate is not for this box's key; trying again")
+            write_atomically(self.client_cert, answer.certificate.encode())
+        self._write_settings(self.tree(conveyed, token=answer.token, client_certificate=answer.certificate is not None))
         with Store(self.state_dir / "appliance.db") as store:
             store.audit_log.add(ACTOR, "provisioning.enrol", {"appstore": conveyed.appstore.url,
                                                               "device_id": answer.device_id,
-                                                              "channel": answer.channel, "group": answer.group},
+                                                              "channel": answer.channel, "group": answer.group,
+                                                              "client_certificate": answer.certificate is not None},
                                 "local")
+
+    def _operational_key(self) -> EllipticCurvePrivateKey:
+        """Made once and kept (0600), so that a retry after a lost answer asks for the same key."""
+        if self.client_key.is_file():
+            try:
+                return load_key(self.client_key, "the box's AppStore client key")
+            except CertificateError as e:
+                log.warning("%s; making a new one", e)
+        key = new_key()
+        write_atomically(self.client_key, key_pem(key), mode=0o600)
+        return key
 
     def _write_settings(self, tree: dict[str, Any]) -> None:
         text = "# written by `appliance provision` from the owner's signed site configuration; the factory's\n" \

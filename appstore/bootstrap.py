@@ -12,7 +12,9 @@ not on site. A box proves its factory identity (:class:`formats.provisioning.Dev
 issued by a trusted maker CA, and a fresh signature by its key, for one purpose) to fetch its bundle
 (``POST /v1/bootstrap/{serial}``) and to enrol (``POST /v1/enrol``), which registers it in the fleet under
 the device id, channel and group its owner's configuration names. A proof is good for a few minutes and
-once: a replayed one is refused.
+once: a replayed one is refused. An enrolment may bring a CSR for the box's operational key, bound into the
+proof; the fleet CA (:mod:`appstore.fleet_ca`) certifies that key for the device id, so a box can then
+reach an AppStore that asks for client certificates.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from cryptography import x509
 
 from appstore.errors import AppStoreError, BadRequest, FleetError, Forbidden
 from appstore.fleet import Fleet
+from appstore.fleet_ca import FleetCA
 from common.files import write_atomically
 from formats.errors import FormatError
 from formats.provisioning import DeviceProof, Enrolment, ProvisioningBundle, Purpose, proof_message
-from pki.certs import CertificateError, common_name, issued_by, load_certificate, valid_now, verify_signature
+from pki.certs import CertificateError, common_name, issued_by, load_certificate, pem, valid_now, verify_signature
 from provisioning.errors import Refused
 from provisioning.identity import serial_of
 from provisioning.verify import Verified, verify_bundle
@@ -47,6 +50,7 @@ class Bootstrap:
         self.makers_dir = folder / "makers"
         self.bundles_dir = folder / "bootstrap"
         self.fleet = fleet
+        self.fleet_ca = FleetCA(folder)
         self._seen: dict[str, float] = {}  # proofs accepted (by signature hash) -> when they expire
         self._lock = threading.Lock()
 
@@ -113,7 +117,7 @@ class Bootstrap:
         proven = serial_of(cert)
         if serial is not None and proven != serial:
             raise Forbidden(f"the device certificate is box {proven}'s, not {serial}'s")
-        if not verify_signature(cert, proof_message(purpose, proven, proof.time), proof.signature):
+        if not verify_signature(cert, proof_message(purpose, proven, proof.time, proof.csr), proof.signature):
             raise Forbidden("the proof's signature is not the device key's")
         key = hashlib.sha256(proof.signature.encode()).hexdigest()
         with self._lock:
@@ -134,12 +138,18 @@ class Bootstrap:
             conveyed = self.registered(serial).conveyed
         except NotRegistered as e:
             raise Forbidden(f"box {serial} is not registered by its owner: {e}") from e
+        certificate = None
+        if proof.csr is not None:
+            try:
+                certificate = pem(self.fleet_ca.certify(proof.csr, conveyed.device_id)).decode()
+            except CertificateError as e:
+                raise BadRequest(f"{e}; the box makes a new one at its next try") from e
         try:
             token = self.fleet.enrol(conveyed.device_id, serial, conveyed.appstore.group, conveyed.appstore.channel)
         except FleetError as e:
             raise Forbidden(str(e)) from e
         return Enrolment(device_id=conveyed.device_id, token=token, channel=conveyed.appstore.channel,
-                         group=conveyed.appstore.group)
+                         group=conveyed.appstore.group, certificate=certificate)
 
 
 def _serial_in(raw: bytes) -> str:

@@ -284,9 +284,15 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from appstore.server import serve
+    from appstore.server import Tls, serve
 
-    serve(Path(args.repo), args.host, args.port)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("appstore serve: give --tls-cert and --tls-key together")
+    if args.tls_cert is None and (args.client_certificates or args.bootstrap_port):
+        raise SystemExit("appstore serve: --client-certificates and --bootstrap-port need HTTPS (--tls-cert, --tls-key)")
+    tls = Tls(Path(args.tls_cert), Path(args.tls_key), args.client_certificates, args.bootstrap_port) \
+        if args.tls_cert else None
+    serve(Path(args.repo), args.host, args.port, tls)
     return 0
 
 
@@ -381,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve metadata, targets, the fleet API and the sample inbox over HTTP")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8600)
+    srv.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    srv.add_argument("--tls-key", help="... and its key")
+    srv.add_argument("--client-certificates", action="store_true",
+                     help="the main address takes only clients with a certificate from the fleet CA (DIR/fleet-ca/ca.pem), "
+                          "which boxes get when they enrol")
+    srv.add_argument("--bootstrap-port", type=int,
+                     help="also serve bootstrap and enrolment, without a client certificate, on this port (what a "
+                          "box's site configuration names as appstore.enrol_url)")
     srv.set_defaults(func=cmd_serve)
     return p
 

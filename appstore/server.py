@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appstore import guard
 from appstore.bootstrap import Bootstrap, NotRegistered
 from appstore.errors import AppStoreError, BadRequest, Forbidden, RepoError, TooLarge, Unauthorized
 from appstore.fleet import Fleet
+from appstore.fleet_ca import FleetCA
 from appstore.repository import Repository
 from appstore.samples import Inbox, InboxLimits, check_sample_id
 from appstore.view import fleet_view
@@ -265,9 +268,57 @@ def build_app(folder: Path, inbox_limits: InboxLimits | None = None) -> FastAPI:
     return app
 
 
-def serve(folder: Path, host: str = "127.0.0.1", port: int = 8600) -> None:
+BOOTSTRAP_PATHS = ("/v1/bootstrap/", "/v1/enrol")
+
+
+def bootstrap_only(app: ASGIApp) -> ASGIApp:
+    """The routes a box needs before it has a client certificate, and nothing else."""
+    async def only(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not str(scope["path"]).startswith(BOOTSTRAP_PATHS):
+            await JSONResponse({"error": "this address serves only /v1/bootstrap and /v1/enrol; the rest is at the "
+                                         "AppStore's main address, with a client certificate"}, status_code=404)(
+                scope, receive, send)
+            return
+        await app(scope, receive, send)
+    return only
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """``appstore serve`` over HTTPS; with ``client_certificates``, the main address takes only clients with a
+    certificate from the fleet CA, and ``bootstrap_port`` serves enrolment and bootstrap without one."""
+
+    cert_file: Path
+    key_file: Path
+    client_certificates: bool = False
+    bootstrap_port: int | None = None
+
+
+def serve(folder: Path, host: str = "127.0.0.1", port: int = 8600, tls: Tls | None = None) -> None:
+    import asyncio
+    import ssl
+
     import uvicorn
 
     app = build_app(folder)
-    print(f"serving {folder} at http://{host}:{port}/  (metadata/, targets/, /v1/devices, /v1/samples, /v1/bootstrap, /v1/enrol)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    scheme = "https" if tls else "http"
+    print(f"serving {folder} at {scheme}://{host}:{port}/  (metadata/, targets/, /v1/devices, /v1/samples, "
+          "/v1/bootstrap, /v1/enrol)", flush=True)
+    if tls is None:
+        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+        return
+    common: dict[str, Any] = {"host": host, "log_level": "info", "server_header": False, "timeout_graceful_shutdown": 5,
+                              "ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+    configs = [uvicorn.Config(app, port=port, **common)]
+    if tls.client_certificates:
+        ca = FleetCA(folder).certificate_file()
+        configs = [uvicorn.Config(app, port=port, ssl_ca_certs=str(ca), ssl_cert_reqs=ssl.CERT_REQUIRED, **common)]
+        print(f"  clients need a certificate from the fleet CA {ca}", flush=True)
+    if tls.bootstrap_port is not None:
+        configs.append(uvicorn.Config(bootstrap_only(app), port=tls.bootstrap_port, **common))
+        print(f"  bootstrap and enrolment (no client certificate) at https://{host}:{tls.bootstrap_port}/", flush=True)
+
+    async def run_all() -> None:
+        await asyncio.gather(*(uvicorn.Server(c).serve() for c in configs))
+
+    asyncio.run(run_all())

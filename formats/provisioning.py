@@ -19,6 +19,7 @@ AppStore (to fetch its bundle and to enrol).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,6 +69,9 @@ class ConveyedAppStore(_Doc):
     channel: str = Field(default="stable", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     group: str = ""
     ca_pem: str = ""  # HTTPS: the CA that signed the AppStore's certificate ("" : the system's)
+    # where the box enrols, when the AppStore's main address asks for a client certificate the box does not
+    # have yet (``appstore serve --client-certificates --bootstrap-port``); None: ``url``
+    enrol_url: str | None = Field(default=None, pattern=r"^https?://")
 
 
 class ConveyedInformation(_Doc):
@@ -116,10 +120,14 @@ class DeviceProof(_Doc):
     purpose: Purpose
     time: float
     signature: str = Field(min_length=1, max_length=400)  # base64 DER ECDSA signature
+    # enrolment: a CSR (PEM) for the box's operational key, bound into the signed message, so that the
+    # fleet CA certifies the key of the box that proved itself, and no other
+    csr: str | None = Field(default=None, min_length=1, max_length=4_000)
 
 
-def proof_message(purpose: Purpose, serial: str, time: float) -> bytes:
-    return f"edge-appliance {purpose}\n{serial}\n{time:.3f}\n".encode()
+def proof_message(purpose: Purpose, serial: str, time: float, csr: str | None = None) -> bytes:
+    bound = f"{hashlib.sha256(csr.encode()).hexdigest()}\n" if csr else ""
+    return f"edge-appliance {purpose}\n{serial}\n{time:.3f}\n{bound}".encode()
 
 
 class Registration(_Doc):
@@ -135,6 +143,7 @@ class Enrolment(_Doc):
     token: str = Field(min_length=16)
     channel: str
     group: str = ""
+    certificate: str | None = None  # PEM: the fleet CA's client certificate for the CSR's key, when one was sent
 
 
 class FactoryInfo(_Doc):

@@ -45,8 +45,7 @@ class Identity:
         return common_name(self.certificate)
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return key_pem(self.key)
 
     def save(self, folder: Path, stem: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,12 +102,24 @@ def issue(subject: x509.Name, issuer: Identity | None, days: int, *, ca: bool = 
           server_names: Sequence[str] = ()) -> Identity:
     """A new key and its certificate, signed by ``issuer`` (self-signed when None). ``server_names`` (host
     names or IP addresses) make it a TLS server certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = new_key()
+    return Identity(key, certify(key.public_key(), subject, issuer, days, ca=ca, client=client,
+                                 server_names=server_names, self_key=key))
+
+
+def certify(public_key: ec.EllipticCurvePublicKey, subject: x509.Name, issuer: Identity | None, days: int, *,
+            ca: bool = False, client: bool = False, server_names: Sequence[str] = (),
+            self_key: ec.EllipticCurvePrivateKey | None = None) -> x509.Certificate:
+    """A certificate for ``public_key`` (one that a CSR brought, or :func:`issue`'s new key), signed by
+    ``issuer``, or self-signed by ``self_key`` when ``issuer`` is None."""
+    signer = issuer.key if issuer is not None else self_key
+    if signer is None:
+        raise ValueError("a self-signed certificate needs its own key")
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(subject)
                .issuer_name(issuer.certificate.subject if issuer else subject)
-               .public_key(key.public_key())
+               .public_key(public_key)
                .serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5))
                .not_valid_after(now + days * DAY)
@@ -117,7 +128,7 @@ def issue(subject: x509.Name, issuer: Identity | None, days: int, *, ca: bool = 
                                             content_commitment=False, key_encipherment=False, data_encipherment=False,
                                             key_agreement=False, encipher_only=False, decipher_only=False),
                               critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
     if issuer is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
@@ -128,7 +139,51 @@ def issue(subject: x509.Name, issuer: Identity | None, days: int, *, ca: bool = 
     if server_names:
         builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
                                         critical=False)
-    return Identity(key, builder.sign(issuer.key if issuer else key, hashes.SHA256()))
+    return builder.sign(signer, hashes.SHA256())
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def signing_request(key: ec.EllipticCurvePrivateKey, subject: x509.Name) -> bytes:
+    """A CSR (PEM) for ``key``: the holder asks a CA to certify it, and proves it holds the key."""
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256()) \
+        .public_bytes(serialization.Encoding.PEM)
+
+
+def load_signing_request(data: str, what: str) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key a CSR asks to certify, once its signature shows the sender holds the key."""
+    try:
+        csr = x509.load_pem_x509_csr(data.encode())
+    except ValueError as e:
+        raise CertificateError(f"{what} is not a PEM certificate signing request ({e})") from e
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CertificateError(f"{what}: the key must be ECDSA P-256")
+    if not csr.is_signature_valid:
+        raise CertificateError(f"{what}: its signature is not by the key it names")
+    return key
+
+
+def load_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise CertificateError(f"{what}: cannot read {path}: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{what}: {path} is not an ECDSA key")
+    return key
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert.public_key().public_bytes(*der) == key.public_key().public_bytes(*der)
 
 
 def _general_name(host: str) -> x509.GeneralName:

@@ -14,6 +14,8 @@ and the bundle that carries both with the owner's certificate.
     root = "root.json"            # the TUF root the box will trust (a path beside site.toml)
     channel = "stable"
     group = "canary"
+    # ca = "appstore-ca.pem"      # HTTPS with a private CA: the CA that signed the AppStore's certificate
+    # enrol_url = "https://appstore.example.com:8443/"   # where boxes enrol, when url asks for client certificates
     [admin]                       # the site's first console admin
     name = "site-admin"
     password_hash = "scrypt$..."  # appliance users hash-password; never the password

@@ -41,7 +41,8 @@ def make_owner(owner: str) -> Identity:
     return issue(name(owner, owner), None, 365 * OWNER_YEARS)
 
 
-def prove(identity: Identity, purpose: Purpose, now: float) -> tuple[str, str]:
-    """A proof of the factory identity for ``purpose``: (certificate PEM, base64 signature)."""
-    signature = identity.sign(proof_message(purpose, serial_of(identity.certificate), now))
+def prove(identity: Identity, purpose: Purpose, now: float, csr: str | None = None) -> tuple[str, str]:
+    """A proof of the factory identity for ``purpose`` (and the CSR it binds): (certificate PEM, base64
+    signature)."""
+    signature = identity.sign(proof_message(purpose, serial_of(identity.certificate), now, csr))
     return pem(identity.certificate).decode(), base64.b64encode(signature).decode()

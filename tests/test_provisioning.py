@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -37,12 +38,13 @@ from appliance.provision import agent, proof
 from appliance.settings import load_settings
 from appstore.server import build_app
 from formats.provisioning import ProvisionState
-from pki.certs import Identity
+from pki.certs import Identity, common_name, issued_by, load_certificate, name, new_key, signing_request
 from provisioning.documents import make_bundle, make_voucher, read_site
 from provisioning.factory import Factory
 from provisioning.identity import make_ca, make_device, make_owner, prove
-from tests.conftest import ROOT, Daemon, Publisher, Subscriber, free_port, new_daemon, wait_until
+from tests.conftest import ROOT, Daemon, Publisher, Subscriber, free_port, new_daemon, port_open, wait_until
 from tests.test_appstore import ok
+from tests.test_broker_auth import make_pki
 from tests.test_console_browser import new_page
 from tests.test_sync import Shop, make_shop
 
@@ -249,6 +251,67 @@ def test_a_blank_box_provisions_itself_from_the_bootstrap_endpoint_enrols_and_ra
         actions = [a for (a,) in db.execute("SELECT action FROM audit_log WHERE actor = 'provisioning'")]
     assert actions[:3] == ["users.add", "provisioning.apply", "provisioning.enrol"]
     box.daemon.stop()
+
+
+def test_a_box_enrols_for_a_client_certificate_and_syncs_from_an_appstore_that_asks_for_one(
+        tmp_path: Path, office: Office) -> None:
+    """The AppStore as a real site runs it behind TLS: `appstore serve --client-certificates` takes only
+    clients with a certificate from its fleet CA, and a second port serves bootstrap and enrolment to boxes
+    that have none yet. The box sends a CSR with its enrolment and syncs with the certificate it gets."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    port, enrol_port = free_port(), free_port()
+    box = blank_box(tmp_path, office)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "appstore.cli", "--repo", str(office.shop.repo), "serve", "--port", str(port),
+         "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"), "--client-certificates",
+         "--bootstrap-port", str(enrol_port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: port_open(port) and port_open(enrol_port), 30, what="the HTTPS AppStore")
+        main, enrol_url = f"https://127.0.0.1:{port}", f"https://127.0.0.1:{enrol_port}"
+        trust = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        shutil.copy(pki / "ca.pem", tmp_path / "appstore-ca.pem")
+        box.site.write_text(box.site.read_text().replace(f'url = "{office.shop.url}/"', f'url = "{main}/"').replace(
+            'channel = "stable"\n', f'channel = "stable"\nca = "appstore-ca.pem"\nenrol_url = "{enrol_url}/"\n'))
+        provision("site", "make", str(box.site), "--owner", str(office.owner), "--voucher", str(box.voucher),
+                  "--register", office.shop.url, "--out", str(box.usb),
+                  env={**os.environ, "APPSTORE_TOKEN": office.shop.admin})
+
+        # without a certificate from the fleet CA the main address lets nobody in; the enrolment port serves
+        # nothing else
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{main}/metadata/timestamp.json", verify=trust, timeout=10)
+        other = httpx.get(f"{enrol_url}/metadata/timestamp.json", verify=trust, timeout=10)
+        assert other.status_code == 404 and "only /v1/bootstrap and /v1/enrol" in other.text
+
+        # a proof whose CSR was swapped for another key's does not verify: the CSR is bound into the signature
+        factory = Factory.load(box.state)
+        good = proof(factory, "enrol", signing_request(new_key(), name(box.daemon.device)).decode())
+        swapped = good.model_copy(update={"csr": signing_request(new_key(), name(box.daemon.device)).decode()})
+        r = httpx.post(f"{enrol_url}/v1/enrol", content=swapped.model_dump_json(), verify=trust,
+                       timeout=10)
+        assert r.status_code == 403 and "signature is not the device key's" in r.text, r.text
+
+        r = appliance(box.config, "provision", "--usb", str(box.usb), "--timeout", "60", "--no-page")
+        assert r.returncode == 0, r.stderr
+        settings = load_settings(box.config)
+        assert settings.appstore.cert_file and settings.appstore.key_file
+        cert = load_certificate(settings.appstore.cert_file.read_bytes(), "the box's client certificate")
+        assert common_name(cert) == box.daemon.device
+        assert issued_by(cert, load_certificate((office.shop.repo / "fleet-ca" / "ca.pem").read_bytes(), "fleet CA"))
+        assert settings.appstore.key_file.stat().st_mode & 0o077 == 0, "the box's key is the appliance's alone"
+        assert not list(office.shop.repo.rglob("appstore-client.key")), "the AppStore never had the box's key"
+
+        box.daemon.start()
+        wait_until(lambda: any(a["name"] == "ppe-watch" and a["state"] == "serving"
+                               for a in box.daemon.status()["apps"]), 60, interval=0.2,
+                   what="the channel's app installed over the client-certificate address")
+        wait_until(lambda: box.daemon.status()["appstore"]["state"] == "in sync", 30, what="the box in sync")
+    finally:
+        box.daemon.stop()
+        server.terminate()
+        server.wait(20)
 
 
 def test_a_box_without_a_bootstrap_url_takes_its_bundle_from_a_usb_stick_and_a_newer_one_reprovisions_it(
