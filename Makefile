@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bundle lint typecheck messages clean system-packages-demo system-packages-test system-packages-bench
+.PHONY: demo test bench bundle image image-test lint typecheck messages clean system-packages-demo system-packages-test system-packages-bench system-packages-image
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # The Debian packages each target needs (tools/system-packages: apt-get as root, otherwise the one command to run)
 # (explicit rules: make does not search pattern rules for .PHONY targets)
-system-packages-demo system-packages-test system-packages-bench:
+system-packages-demo system-packages-test system-packages-bench system-packages-image:
 	tools/system-packages $(@:system-packages-%=%)
 
 demo: system-packages-demo $(STAMP)
@@ -29,6 +29,15 @@ test: system-packages-test $(STAMP)
 # Regenerates docs/BENCHMARKS.md, its plots and docs/bench/results.json (about 20 minutes; not part of make test)
 bench: system-packages-bench $(STAMP)
 	$(BIN)/python -m bench.run --out docs --profile
+
+# The appliance OS image: a Debian bookworm root file system with this tree's release, the launcher and the
+# hardened units (dist/image/; docs/image.md). Needs root (mmdebstrap, chroot).
+image: system-packages-image $(STAMP)
+	$(BIN)/python -m image.build --out dist/image
+
+# The image's boot test: builds the image and boots it with systemd-nspawn (as root; about 3 minutes)
+image-test: system-packages-image system-packages-test $(STAMP)
+	$(BIN)/python -m pytest -q -m image tests/test_image_boot.py
 
 # An appliance release of this tree for `appstore publish release` (dist/release-VERSION/; docs/upgrade.md)
 bundle: $(STAMP)

@@ -62,6 +62,7 @@ from appliance.tasks import threadsafe
 from appliance.upgrade.carry import take_carry
 from appliance.upgrade.confirm import HealthConfirmation
 from appliance_launcher.state import BOOT_ENV, RESTART_EXIT, Layout, Trial
+from common.sdnotify import notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,10 @@ class Daemon:
     async def start(self) -> None:
         s = self.settings
         self._loop = asyncio.get_running_loop()
+        # systemd's watchdog (the image's appliance.service) is fed from this loop from the first moment,
+        # so a long model load does not count as a hang, and a hung loop does
+        interval = watchdog_interval_s()
+        watchdog = self._every(interval, self._feed_watchdog, "watchdog") if interval else None
         s.state_dir.mkdir(parents=True, exist_ok=True)
         check_tls(s.http)
         if self.layout is not None and s.db_path.exists():
@@ -227,6 +232,8 @@ class Daemon:
             self._every(UTILISATION_S, self.partitions.sample_cpu, "utilisation"),
             self._every(GIVE_BACK_CHECK_S, self.give_back.check, "give-back"),
         ]
+        if watchdog is not None:
+            self._tasks.append(watchdog)
         self.uploader.start()
         sync = make_sync(s, store, self.plans, threadsafe(self._app_states), threadsafe(self.healthy),
                          self.appstore, self.layout, self.request_restart, self.config_file)
@@ -245,6 +252,10 @@ class Daemon:
         if not h.tls and not is_loopback(h.host) and h.host != "localhost":
             log.warning("the console is served over plain HTTP on %s: passwords and session cookies cross the "
                         "network unencrypted; set http.tls_cert and http.tls_key", h.host)
+        notify("READY=1", f"STATUS=serving: device {s.device_id}, console on port {sock.getsockname()[1]}")
+
+    async def _feed_watchdog(self) -> None:
+        notify("WATCHDOG=1")
 
     async def _models_settled(self, timeout: float) -> None:
         """Wait until no model is loading any more, so the first frames are not refused for that."""
@@ -318,6 +329,7 @@ class Daemon:
         return asyncio.create_task(loop(), name=name)
 
     async def stop(self) -> None:
+        notify("STOPPING=1")
         self.live.close()  # open console pages' streams end, so the HTTP server stops at once
         if self._http is not None:
             self._http.should_exit = True

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -47,6 +48,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate} (last: {last!r})")
+
+
+def answers(url: str, proc: subprocess.Popen[Any], log: Path, what: str) -> Callable[[], bool]:
+    """A :func:`wait_until` predicate: ``url`` answers 200 while ``proc`` (its output in ``log``) runs."""
+    def check() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited ({proc.returncode}):\n{log.read_text(errors='replace')[-4000:]}")
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return check
 
 
 def port_open(port: int) -> bool:
@@ -205,6 +218,7 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     ssl_context: ssl.SSLContext | None = None  # set before start() for a daemon that serves HTTPS
+    env: dict[str, str] = field(default_factory=dict)  # set before start(): more environment for the daemon
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"daemon-{self.http_port}.log"
@@ -225,7 +239,8 @@ class Daemon:
         """Start the daemon and wait until it answers (and, with ``healthy``, reports itself healthy)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "run", "--config", str(self.config)],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env} if self.env else None)
         wait_until(lambda: self._ready(healthy), START_TIMEOUT_S, interval=0.1,
                    what=f"daemon health (log: {self.log_path})")
 

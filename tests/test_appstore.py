@@ -35,7 +35,7 @@ from appstore.guard import evaluate
 from appstore.repository import Repository
 from appstore.server import build_app
 from formats.channel import ChannelDoc, DeviceReport, in_rollout
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, answers, free_port, wait_until
 
 APP_PATH = "apps/ppe-watch/1.0.0/app.json"
 
@@ -125,16 +125,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
-    def answering() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"appstore serve exited: {(base / 'serve.log').read_text()}")
-        try:
-            return httpx.get(f"{url}/metadata/timestamp.json", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(answering, 30, what="appstore serve")
+        wait_until(answers(f"{url}/metadata/timestamp.json", proc, base / "serve.log", "appstore serve"), 30,
+                   what="appstore serve")
         yield Store(repo, url, (repo / "metadata" / "1.root.json").read_bytes(), model_dir, app_json, admin)
     finally:
         proc.terminate()
