@@ -13,6 +13,8 @@
      broker on loopback until the site's configuration says otherwise);
    - the units from ``image/units`` (enabled), journald's size limits, Mosquitto's own service masked (the
      daemon runs the managed broker itself, inside ``appliance.service``'s sandbox).
+   With ``--gpu``: the CUDA and cuDNN runtime wheels in the release, ``nvidia-mps.service``, and a drop-in
+   that gives ``appliance.service`` the NVIDIA devices and nothing else (the driver is the host's).
 3. ``OUT/appliance-VERSION[-gpu]-rootfs.tar``: the root file system, state included. Everything that
    changes lives under ``/var/lib/appliance`` (database, models, snapshots, samples, releases), apart from
    the read-mostly system, so that a disk layout can give it a partition of its own (docs/image.md).
@@ -82,7 +84,7 @@ class ImageError(Exception):
     pass
 
 
-def customize(root: Path, bundle: Path) -> None:
+def customize(root: Path, bundle: Path, gpu: bool = False) -> None:
     """The customize hook: runs on the host with the new root file system at ``root``."""
     def chroot(*args: str) -> None:
         r = subprocess.run(["chroot", str(root), *args], capture_output=True, text=True, check=False)
@@ -105,11 +107,17 @@ def customize(root: Path, bundle: Path) -> None:
     (root / "tmp" / "install.sh").unlink()
     (state / "appliance.toml").write_text(FACTORY_SETTINGS)
     system = root / "etc" / "systemd" / "system"
-    for unit in sorted(UNITS.glob("*.service")):
+    for unit in sorted(UNITS.glob("*.service")):  # the GPU units are in units/gpu/
         shutil.copy(unit, system / unit.name)
     (root / "etc" / "systemd" / "journald.conf.d").mkdir(parents=True, exist_ok=True)
     (root / "etc" / "systemd" / "journald.conf.d" / "appliance.conf").write_text(JOURNALD)
-    chroot("systemctl", "enable", "appliance-provision.service", "appliance.service", "systemd-timesyncd.service")
+    enabled = ["appliance-provision.service", "appliance.service", "systemd-timesyncd.service"]
+    if gpu:
+        shutil.copy(UNITS / "gpu" / "nvidia-mps.service", system / "nvidia-mps.service")
+        (system / "appliance.service.d").mkdir(exist_ok=True)
+        shutil.copy(UNITS / "gpu" / "appliance-gpu.conf", system / "appliance.service.d" / "gpu.conf")
+        enabled.append("nvidia-mps.service")
+    chroot("systemctl", "enable", *enabled)
     chroot("systemctl", "mask", "mosquitto.service")
     chroot("chown", "-R", "appliance:appliance", STATE)
     chroot("chmod", "0700", STATE)
@@ -120,20 +128,20 @@ def customize(root: Path, bundle: Path) -> None:
             shutil.copy(ROOT / "docs" / page, docs / page)
 
 
-def build(out: Path) -> Path:
+def build(out: Path, gpu: bool = False) -> Path:
     if os.geteuid() != 0:
         raise ImageError("make image runs mmdebstrap and chroot, which need root: run it as root (sudo make image)")
     if shutil.which("mmdebstrap") is None:
         raise ImageError("mmdebstrap is not installed: apt-get install mmdebstrap (tools/system-packages image)")
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    bundle = build_bundle(out)
-    version = bundle.name.removeprefix("release-")
+    bundle = build_bundle(out, gpu=gpu)
+    version = bundle.name.removeprefix("release-")  # "0.1.0", or "0.1.0-gpu"
     tarball = out / f"appliance-{version}-rootfs.tar"
     with tempfile.TemporaryDirectory(prefix="image-") as tmp:
         hook = Path(tmp) / "customize.sh"
         hook.write_text(f'#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m image.build --customize "$1" --bundle '
-                        f'{bundle.resolve()}\n')
+                        f'{bundle.resolve()}{" --gpu" if gpu else ""}\n')
         hook.chmod(0o755)
         cmd = ["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", f"--customize-hook={hook} \"$1\"",
                SUITE, str(tarball), MIRROR]
@@ -148,14 +156,16 @@ def build(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build the appliance OS image (a root file system tarball).")
     p.add_argument("--out", default=str(ROOT / "dist" / "image"), help="where the tarball goes (default dist/image)")
+    p.add_argument("--gpu", action="store_true", help="the GPU variant: CUDA and cuDNN runtime wheels, the NVIDIA "
+                   "devices for the appliance, the MPS daemon's unit (the driver comes from the host's packages)")
     p.add_argument("--customize", help=argparse.SUPPRESS)  # mmdebstrap's hook calls back with the root
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         if args.customize:
-            customize(Path(args.customize), Path(args.bundle))
+            customize(Path(args.customize), Path(args.bundle), args.gpu)
         else:
-            build(Path(args.out))
+            build(Path(args.out), args.gpu)
     except ImageError as e:
         print(f"make image: {e}", file=sys.stderr)
         return 1

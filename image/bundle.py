@@ -94,10 +94,11 @@ def _wheel_for(house: Path, name: str, version: str) -> Path | None:
     return None
 
 
-def dependency_wheels(pyproject: Path, house: Path = WHEELHOUSE) -> list[Path]:
-    """The wheel of every runtime dependency of the project, at the installed version."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    pins = closure(deps)
+def dependency_wheels(pyproject: Path, house: Path = WHEELHOUSE, gpu: bool = False) -> list[Path]:
+    """The wheel of every runtime dependency of the project, at the installed version; with ``gpu``, also the
+    CUDA and cuDNN runtime wheels the ``gpu`` extra asks for (see :func:`gpu_pins`)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    pins = closure(project["dependencies"])
     house.mkdir(parents=True, exist_ok=True)
     with open(house / ".lock", "w") as lock:  # another build (a parallel test worker) may be filling it
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -105,6 +106,8 @@ def dependency_wheels(pyproject: Path, house: Path = WHEELHOUSE) -> list[Path]:
         if missing:
             print(f"fetching {len(missing)} dependency wheels into {house}", file=sys.stderr)
             _pip(["wheel", "--no-deps", "--wheel-dir", str(house), *missing], "fetching the dependency wheels")
+        if gpu:
+            pins.update(gpu_pins(project.get("optional-dependencies", {}).get("gpu", []), pins, house))
     wheels = []
     for n, v in sorted(pins.items()):
         w = _wheel_for(house, n, v)
@@ -112,6 +115,30 @@ def dependency_wheels(pyproject: Path, house: Path = WHEELHOUSE) -> list[Path]:
             raise BundleError(f"no wheel of {n} {v} in {house} after pip wheel")
         wheels.append(w)
     return wheels
+
+
+def gpu_pins(roots: Sequence[str], pins: dict[str, str], house: Path) -> dict[str, str]:
+    """The wheels the ``gpu`` extra adds (CUDA and cuDNN runtimes), fetched into ``house``.
+
+    A machine with no GPU cannot install and test them, so they are not taken from the environment like the
+    others: pip resolves the extra with every other distribution held at the version the CPU release pins
+    (onnxruntime-gpu included), which leaves only the NVIDIA runtime wheels its own extras name to choose."""
+    if not roots:
+        raise BundleError("pyproject.toml has no `gpu` optional dependencies to build the GPU release from")
+    with tempfile.TemporaryDirectory(prefix="gpu-") as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(pins.items())))
+        fetched = Path(tmp) / "wheels"
+        _pip(["download", "--only-binary=:all:", "--dest", str(fetched), "--constraint", str(constraints), *roots],
+             "fetching the GPU runtime wheels")
+        added: dict[str, str] = {}
+        for wheel in sorted(fetched.glob("*.whl")):
+            name, version = wheel.name.split("-")[:2]
+            if _norm(name) not in pins:
+                added[_norm(name)] = version
+                if _wheel_for(house, _norm(name), version) is None:
+                    shutil.move(str(wheel), house / wheel.name)
+    return added
 
 
 def _pip(args: Sequence[str], what: str, cwd: Path | None = None) -> None:
@@ -156,7 +183,7 @@ def _schema_version(tree: Path) -> int:
 
 
 def build(out: Path, source: Path = ROOT, version: str | None = None, min_from: str = "0.1.0",
-          house: Path = WHEELHOUSE) -> Path:
+          house: Path = WHEELHOUSE, gpu: bool = False) -> Path:
     """Build the release of ``source`` (its version set to ``version`` in a copy) into ``out/release-V``."""
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         tree = copy_tree(source, Path(tmp) / "src")  # a clean copy: no build/ left over from an earlier build
@@ -164,11 +191,11 @@ def build(out: Path, source: Path = ROOT, version: str | None = None, min_from: 
             set_version(tree, version)
         own = appliance_wheel(tree, Path(tmp) / "wheel")
         found = own.name.split("-")[1]
-        folder = out / f"release-{found}"
+        folder = out / f"release-{found}{'-gpu' if gpu else ''}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         shutil.copy2(own, folder / own.name)
-        wheels = [own, *dependency_wheels(tree / "pyproject.toml", house)]
+        wheels = [own, *dependency_wheels(tree / "pyproject.toml", house, gpu)]
         for w in wheels[1:]:
             _link_or_copy(w, folder / w.name)  # the wheelhouse's files are never changed in place
         files = tuple(_entry(w) for w in wheels)
@@ -187,9 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", help="build the tree with this version (default: pyproject.toml's)")
     p.add_argument("--min-from", default="0.1.0", help="the oldest appliance version that may upgrade to it")
     p.add_argument("--wheelhouse", default=str(WHEELHOUSE), help="dependency wheels kept between builds")
+    p.add_argument("--gpu", action="store_true", help="also the CUDA and cuDNN runtime wheels (release-VERSION-gpu/)")
     args = p.parse_args(argv)
     try:
-        folder = build(Path(args.out), version=args.version, min_from=args.min_from, house=Path(args.wheelhouse))
+        folder = build(Path(args.out), version=args.version, min_from=args.min_from, house=Path(args.wheelhouse),
+                       gpu=args.gpu)
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

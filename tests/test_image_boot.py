@@ -2,7 +2,8 @@
 (systemd as the container's PID 1, the image's own units), provisions itself from a "USB stick" against a
 real AppStore on loopback, and its appliance turns a frame into an event.
 
-Slow (it builds the image: about a minute, 1.2 GB); run by ``make image-test``, which ``.ci/run`` calls
+Slow (it builds the image, about a minute and 1.1 GB, and the GPU image, about two minutes and 4.4 GB);
+run by ``make image-test``, which ``.ci/run`` calls
 after ``make test``. Needs root, mmdebstrap and systemd-nspawn (``tools/system-packages image``).
 """
 
@@ -165,3 +166,44 @@ def test_the_image_boots_provisions_itself_and_serves(rootfs: tuple[Path, float,
         assert "Watchdog timeout" not in journal and "Failed with result" not in journal, journal[-3000:]
     finally:
         shop.server.should_exit = True
+
+
+GPU_CHECK = """\
+import re
+import onnxruntime as ort
+ort.preload_dlls(directory="")  # the CUDA and cuDNN runtimes from the release's NVIDIA wheels
+maps = open("/proc/self/maps").read()
+print("providers", *ort.get_available_providers())
+print("loaded", *sorted(set(re.findall(r"(lib(?:cudnn|cublas|cudart|cufft|curand)[A-Za-z]*)\\.so", maps))))
+"""
+
+
+def test_the_gpu_image_carries_the_cuda_runtimes_and_gives_the_appliance_only_the_nvidia_devices(
+        tmp_path: Path) -> None:
+    """No GPU here: the GPU image is built and checked as far as a machine without one can — its release loads
+    every CUDA and cuDNN runtime library ONNX Runtime's CUDA provider needs, and its units verify."""
+    started = time.monotonic()
+    tarball = build(tmp_path / "out", gpu=True)
+    print(f"\nGPU image built in {time.monotonic() - started:.0f} s, {tarball.stat().st_size / 2**20:.0f} MiB")
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(tarball) as tar:
+        tar.extractall(root, filter="fully_trusted")
+    tarball.unlink()  # 4 GB: not kept longer than needed
+    system = root / "etc" / "systemd" / "system"
+    assert (system / "appliance.service.d" / "gpu.conf").is_file()
+    assert (system / "multi-user.target.wants" / "nvidia-mps.service").is_symlink(), "the MPS daemon is enabled"
+    r = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/appliance.service"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    check = tmp_path / "gpu_check.py"
+    check.write_text(GPU_CHECK)
+    r = subprocess.run(["systemd-nspawn", "--directory", str(root), "--register=no", "--keep-unit", "--pipe",
+                        "--quiet", f"--bind-ro={check}:/opt/gpu_check.py", f"{STATE}/current/bin/python",
+                        "/opt/gpu_check.py"], capture_output=True, text=True, timeout=120, check=False)
+    out = r.stdout
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CUDAExecutionProvider" in out, out
+    for lib in ("libcudart", "libcublas", "libcudnn", "libcufft", "libcurand"):
+        assert lib in out, f"{lib} loads from the release: {out}"
+    shutil.rmtree(root, ignore_errors=True)
