@@ -329,7 +329,8 @@ class Daemon:
         return asyncio.create_task(loop(), name=name)
 
     async def stop(self) -> None:
-        notify("STOPPING=1")
+        # no STOPPING=1: the launcher, systemd's main process, outlives a daemon it stops for a switch or a
+        # take-back, and systemd would kill the whole unit when that launcher did not exit in time
         self.live.close()  # open console pages' streams end, so the HTTP server stops at once
         if self._http is not None:
             self._http.should_exit = True

@@ -1,6 +1,10 @@
 """systemd's service notifications (sd_notify(3)), standard library only: ``READY=1`` once the daemon
-serves, ``WATCHDOG=1`` from its event loop, ``STOPPING=1`` on the way out, ``STATUS=`` for
-``systemctl status``. Outside systemd (no ``NOTIFY_SOCKET``) every call is a no-op.
+serves, ``WATCHDOG=1`` from its event loop, ``STATUS=`` for ``systemctl status``. Outside systemd (no
+``NOTIFY_SOCKET``) every call is a no-op.
+
+Never ``STOPPING=1`` from the daemon: a daemon stops for a switch to another release or a take-back while
+its launcher goes on, and systemd, told the service is stopping, would kill the launcher when it did not
+exit within ``TimeoutStopSec``. A second ``READY=1`` from the next release changes nothing.
 
 Under the image's ``appliance.service`` the launcher is the service's main process and the daemon its
 child, so the unit sets ``NotifyAccess=all`` and the daemon pings itself: the watchdog then watches the

@@ -63,7 +63,7 @@ def notify_socket() -> Iterator[tuple[socket.socket, str]]:
     shutil.rmtree(folder)
 
 
-def test_the_daemon_tells_systemd_it_is_ready_feeds_the_watchdog_and_says_when_it_stops(
+def test_the_daemon_tells_systemd_it_is_ready_and_feeds_the_watchdog_but_never_that_the_service_stops(
         make_daemon: DaemonFactory, notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
     d = make_daemon(start=False)
@@ -83,5 +83,9 @@ def test_the_daemon_tells_systemd_it_is_ready_feeds_the_watchdog_and_says_when_i
     assert f"STATUS=serving: device {d.device}" in ready
     assert d.status()["health"]["ok"], "ready means serving"
     wait_until(lambda: sum(m == "WATCHDOG=1" for m in take()) >= 3, 10, what="the watchdog fed from the event loop")
-    d.stop()
-    wait_until(lambda: "STOPPING=1" in take(), 5, what="STOPPING=1")
+    d.stop()  # as for a switch to another release: the launcher, systemd's main process, goes on
+    drained = False
+    while not drained:  # everything the daemon sent before it exited (stop() waited for that)
+        before = len(received)
+        drained = len(take()) == before
+    assert not any("STOPPING=1" in m for m in received), "the unit is not told it stops: its launcher goes on"
