@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.image,
 
 SERIAL = "SN-IMG-0001"
 DEVICE = "image-box"
+WATCHDOG_S = 6
 BOOT_TIMEOUT_S = 240  # first boot: provisioning, the AppStore's app and model, the worker's start
 
 
@@ -59,8 +60,8 @@ def uid_of(root: Path, user: str) -> tuple[int, int]:
     raise AssertionError(f"no user {user} in the image")
 
 
-def sandboxed_daemon(uid: int) -> dict[str, str]:
-    """/proc/PID/status of the booted appliance's daemon (``appliance.cli run``, running as ``uid``)."""
+def running_daemon(uid: int) -> dict[str, str] | None:
+    """/proc/PID/status of the booted appliance's daemon (``appliance.cli run``, running as ``uid``), if any."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes()
@@ -69,7 +70,7 @@ def sandboxed_daemon(uid: int) -> dict[str, str]:
             continue
         if b"appliance" in cmdline and b"run" in cmdline.split(b"\0") and status.get("Uid", "").split()[0] == str(uid):
             return {k: v.strip() for k, v in status.items()}
-    raise AssertionError(f"no appliance daemon running as uid {uid}")
+    return None
 
 
 def test_the_image_boots_provisions_itself_and_serves(rootfs: tuple[Path, float, int], tmp_path: Path,
@@ -122,6 +123,10 @@ def test_the_image_boots_provisions_itself_and_serves(rootfs: tuple[Path, float,
         for path in [usb, *usb.rglob("*")]:  # as a FAT stick mounts: readable by everyone, owned by no one
             path.chmod(0o755 if path.is_dir() else 0o644)
 
+        # the watchdog made short for the test (the image's is 60 s), so that the hung daemon below is seen soon
+        dropin = root / "etc" / "systemd" / "system" / "appliance.service.d"
+        dropin.mkdir(exist_ok=True)
+        (dropin / "test-watchdog.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}\nRestartSec=1\n")
         log = tmp_path / "boot.log"
         started = time.monotonic()
         with open(log, "wb") as out:
@@ -146,9 +151,22 @@ def test_the_image_boots_provisions_itself_and_serves(rootfs: tuple[Path, float,
                 pub.close()
                 sub.close()
             # the sandbox is in force on the running daemon (seen from the host: the container shares its kernel)
-            daemon = sandboxed_daemon(uid)
+            daemon = running_daemon(uid)
+            assert daemon is not None, f"no appliance daemon running as uid {uid}"
             assert daemon["NoNewPrivs"] == "1" and daemon["Seccomp"] == "2" and int(daemon["CapBnd"], 16) == 0, daemon
             print(f"boot to serving: {serving:.0f} s; to the first event: {time.monotonic() - started:.0f} s")
+
+            # a hung daemon: its event loop stops feeding the watchdog; systemd kills the unit and starts it again
+            os.kill(int(daemon["Pid"]), signal.SIGSTOP)
+            hung = time.monotonic()
+
+            def replaced() -> bool:
+                now = running_daemon(uid)
+                return now is not None and now["Pid"] != daemon["Pid"] and answers(
+                    f"http://127.0.0.1:{http_port}/healthz", boot, log, "the container")()
+
+            wait_until(replaced, 90, interval=0.5, what="a new daemon after the watchdog fired")
+            print(f"hung daemon replaced and serving after {time.monotonic() - hung:.0f} s (WatchdogSec={WATCHDOG_S})")
         finally:
             boot.send_signal(signal.SIGTERM)  # nspawn halts the container: systemd stops the units in order
             try:
@@ -163,7 +181,9 @@ def test_the_image_boots_provisions_itself_and_serves(rootfs: tuple[Path, float,
         for line in ("Finished appliance-provision.service", "Started appliance.service",
                      "Stopped appliance.service"):
             assert line in journal, f"the journal shows {line!r}:\n{journal[-3000:]}"
-        assert "Watchdog timeout" not in journal and "Failed with result" not in journal, journal[-3000:]
+        assert "appliance.service: Watchdog timeout" in journal, journal[-3000:]
+        failures = [line for line in journal.splitlines() if "Failed with result" in line]
+        assert failures == ["appliance.service: Failed with result 'watchdog'."], failures
     finally:
         shop.server.should_exit = True
 

@@ -289,9 +289,8 @@ def test_a_box_enrols_for_a_client_certificate_and_syncs_from_an_appstore_that_a
         factory = Factory.load(box.state)
         good = proof(factory, "enrol", signing_request(new_key(), name(box.daemon.device)).decode())
         swapped = good.model_copy(update={"csr": signing_request(new_key(), name(box.daemon.device)).decode()})
-        r = httpx.post(f"{enrol_url}/v1/enrol", content=swapped.model_dump_json(), verify=trust,
-                       timeout=10)
-        assert r.status_code == 403 and "signature is not the device key's" in r.text, r.text
+        refused = httpx.post(f"{enrol_url}/v1/enrol", content=swapped.model_dump_json(), verify=trust, timeout=10)
+        assert refused.status_code == 403 and "signature is not the device key's" in refused.text, refused.text
 
         r = appliance(box.config, "provision", "--usb", str(box.usb), "--timeout", "60", "--no-page")
         assert r.returncode == 0, r.stderr
