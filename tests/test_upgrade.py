@@ -334,6 +334,7 @@ def test_outside_its_window_a_release_waits_until_an_admin_applies_it_and_goes_b
     assert f"switching to {GOOD}" in cli("upgrade", "apply")
     wait_for(lambda: (s := box.running(GOOD)) and s["upgrade"]["state"] == "upgraded", f"{GOOD} applied by an admin",
              timeout=180)
+    wait_for(lambda: box.history(), "the launcher recording the confirmation")  # it polls for it, after the daemon
 
     page.goto("/system")  # the new release's console; the session is in the database and outlives the switch
     software = page.locator("#software")
