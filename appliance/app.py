@@ -130,8 +130,8 @@ class Daemon:
         return WorkerConfig(partition=plan.name, providers=providers, env=dict(plan.env), cores=plan.cores,
                             intra_op_threads=threads, executors=executors, alone_threads=alone,
                             max_image_pixels=self.settings.ingest.max_image_pixels,
-                            max_batch=self.settings.runtime.max_batch,
-                            max_batch_delay_s=self.settings.runtime.max_batch_delay_ms / 1000)
+                            max_batch=runtime.max_batch or plan.max_batch,
+                            max_batch_delay_s=runtime.max_batch_delay_ms / 1000)
 
     def _worker_changed(self, partition: str) -> None:
         if self.pipeline is not None:

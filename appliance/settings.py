@@ -135,10 +135,12 @@ class RuntimeSettings(_Section):
     # a frame that has a CPU worker to itself runs on every core of the partition, on a second session of its
     # model (memory: about one more session per model); false: a lone frame runs on one core
     lone_frame_all_cores: bool = True
-    # dynamic batching: up to max_batch frames for one model run together (models with a dynamic first axis);
-    # the worker waits at most max_batch_delay_ms for a batch to fill. 1 turns it off (the default on CPUs).
-    max_batch: int = Field(default=1, ge=1, le=64)
-    max_batch_delay_ms: float = Field(default=2.0, ge=0)
+    # dynamic batching: up to max_batch frames for one model run together (models with a dynamic first axis).
+    # 0: 1 on a CPU partition (its executors run frames side by side instead) and 8 on a GPU, where the frames
+    # that came while the device was busy run in one go. A worker waits up to max_batch_delay_ms for more
+    # frames to fill a batch; 0 (the default) takes only the frames already waiting, adding no latency.
+    max_batch: int = Field(default=0, ge=0, le=64)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0)
 
 
 class RetentionSettings(_Section):

@@ -99,6 +99,8 @@ class ModelStatus(_Part):
     providers: tuple[str, ...] = Field(description="the execution providers the session got, preferred first")
     partition: str
     memory_mb: float = Field(description="measured at load")
+    io_binding: bool = Field(False, description="each frame's input is placed on the GPU before the run "
+                                                "(ONNX Runtime's I/O binding); false on the CPU")
 
 
 class AppStatus(_Part):

@@ -35,7 +35,7 @@ class WorkerConfig:
     alone_threads: int = 0
     max_image_pixels: int = 40_000_000
     max_batch: int = 1  # frames run through a model at once where its first axis is dynamic
-    max_batch_delay_s: float = 0.002  # how long the worker waits for more frames to fill a batch
+    max_batch_delay_s: float = 0.0  # how long the worker waits for more frames to fill a batch (0: only those waiting)
 
     @property
     def expected_provider(self) -> str:
@@ -100,6 +100,8 @@ class Loaded:
     providers: tuple[str, ...]
     load_ms: float  # loading and one warm-up run
     memory_mb: float  # resident memory the worker grew by while loading (a measure for placement)
+    io_binding: bool = False  # runs with its input placed on the device beforehand (see binding.py)
+    note: str = ""  # what the worker fell back on while loading (the daemon logs it)
 
 
 @dataclass(slots=True, frozen=True)

@@ -57,8 +57,11 @@ Providers = tuple[tuple[str, dict[str, str]], ...]
 # copy or a small op from stalling the stream without taking cores from the cpu partition.
 GPU_INTRA_OP_THREADS: Final = 2
 # Two frames at once on a GPU partition: one is decoded and preprocessed on the host while the other runs on the
-# device (one executor would leave the GPU idle during every decode); runtime.max_batch stacks frames that wait.
+# device (one executor would leave the GPU idle during every decode); GPU_MAX_BATCH stacks frames that wait.
 GPU_EXECUTORS: Final = 2
+# Frames that came while a GPU was busy run through a model at once (where its first axis is dynamic), up to
+# this many: one run of 8 costs the device far less than 8 runs, and a frame waits for no other to come.
+GPU_MAX_BATCH: Final = 8
 MANAGEMENT_CORES: Final = 1  # auto, with GPU partitions and more than 2 cores: kept out of the cpu partition
 CPU_PROVIDERS: Final[Providers] = (("CPUExecutionProvider", {}),)
 
@@ -92,6 +95,7 @@ class PartitionPlan:
     providers: Providers = CPU_PROVIDERS  # for onnxruntime.InferenceSession(providers=...), preferred first
     intra_op_threads: int = 1  # per session and executor
     executors: int = 1  # jobs the worker runs at once (threads, each with its own intra-op threads)
+    max_batch: int = 1  # frames waiting for the same model that run through it at once (where it allows it)
     gpu_index: int | None = None  # NVML index of the GPU this partition is on (also for MIG), for utilisation
 
     def threads_for(self, executors: int) -> int:
@@ -142,7 +146,8 @@ def _gpu_plan(name: str, device: str, kind: PartitionKind, gpu: Gpu, memory_mb: 
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(compute_percent)
     return PartitionPlan(name=name, device=device, kind=kind, memory_mb=memory_mb, compute_percent=compute_percent,
                          env=env, providers=_gpu_providers(memory_mb, tensorrt, trt_cache_dir / name),
-                         intra_op_threads=GPU_INTRA_OP_THREADS, executors=GPU_EXECUTORS, gpu_index=gpu.index)
+                         intra_op_threads=GPU_INTRA_OP_THREADS, executors=GPU_EXECUTORS, max_batch=GPU_MAX_BATCH,
+                         gpu_index=gpu.index)
 
 
 def _cpu_plan(name: str, cores: Sequence[int], memory_mb: int) -> PartitionPlan:

@@ -62,6 +62,7 @@ class ModelState:
     providers: tuple[str, ...] = ()
     strikes: int = 0
     memory_mb: float = 0.0  # measured at load
+    io_binding: bool = False  # its input is placed on the device before each run
 
 
 @dataclass(slots=True)
@@ -249,7 +250,8 @@ class WorkerSupervisor:
     def model_status(self) -> list[ModelStatus]:
         """The models this worker holds or is loading, by key."""
         return [ModelStatus(key=k, state=m.state, reason=m.reason, providers=m.providers,
-                            partition=self.config.partition, memory_mb=round(m.memory_mb, 1))
+                            partition=self.config.partition, memory_mb=round(m.memory_mb, 1),
+                            io_binding=m.io_binding)
                 for k, m in sorted(self.models.items())]
 
     def memory_used_mb(self) -> float:
@@ -268,7 +270,7 @@ class WorkerSupervisor:
         if self.state != "ready":
             return 0
         # each executor busy with a batch and the next one waiting
-        limit = max(self._settings.max_inflight, self.executors * (self._settings.max_batch + 1))
+        limit = max(self._settings.max_inflight, self.executors * (self.config.max_batch + 1))
         return max(0, limit - len(self._pending))
 
     def submit_image(self, models: tuple[str, ...], data: bytes) -> asyncio.Future[JobDone]:
@@ -317,7 +319,9 @@ class WorkerSupervisor:
             self._loaded.add(msg.key)
             state = self.models.setdefault(msg.key, ModelState())
             wanted = self.config.expected_provider
-            state.memory_mb = msg.memory_mb
+            state.memory_mb, state.io_binding = msg.memory_mb, msg.io_binding
+            if msg.note:
+                log.warning("model %s on %s: %s", msg.key, self.config.partition, msg.note)
             if not msg.providers or msg.providers[0] != wanted:
                 state.state = "failed"
                 state.reason = f"asked for {wanted} but ONNX Runtime runs it on {', '.join(msg.providers)}"

@@ -53,6 +53,7 @@ from appliance.runtime.messages import (
 
 class _Model:
     def __init__(self, spec: ModelSpec, session: Any, alone: Any = None) -> None:
+        from appliance.runtime.binding import runner
         from formats.model_card import ModelCard
 
         self.spec = spec
@@ -60,6 +61,10 @@ class _Model:
         self.session = session
         self.alone = alone  # the session with a thread per core, for a job that has the worker to itself
         self.output_names = self.card.output_names()
+        # how each session runs: through I/O binding on a GPU (see binding.py), plainly on the CPU
+        self.run = runner(session, self.card.input.name, self.output_names)
+        self.run_alone = None if alone is None else runner(alone, self.card.input.name, self.output_names)
+        self.note = ""  # what the worker had to fall back on while loading, for the daemon's log
         # frames can be stacked along a dynamic first axis (not for decoders whose outputs have no batch axis)
         first = session.get_inputs()[0].shape[0] if session.get_inputs() and session.get_inputs()[0].shape else 1
         self.batchable = not isinstance(first, int) and self.card.output.decoder != "boxes_scores_classes"
@@ -172,9 +177,11 @@ def _load(spec: ModelSpec, config: WorkerConfig) -> tuple[_Model, float]:
 
 
 def _warm_up(model: _Model) -> None:
-    """One run on zeros, so the first real frame does not pay for lazy initialisation."""
+    """One run on zeros, so the first real frame does not pay for lazy initialisation. A session that cannot
+    run through I/O binding runs plainly instead (``model.note`` says why)."""
     import numpy as np
 
+    from appliance.runtime.binding import BoundRun, plain_run
     from formats.model_card import ImageInput
 
     spec = model.card.input
@@ -183,9 +190,18 @@ def _warm_up(model: _Model) -> None:
         tensor = np.zeros(shape, dtype=np.float32 if spec.dtype == "float32" else np.uint8)
     else:
         tensor = np.zeros((1, len(spec.features)), dtype=np.float32)
-    for session in (model.session, model.alone):
-        if session is not None:
-            session.run(model.output_names, {spec.name: tensor})
+    try:
+        model.run(tensor)
+    except Exception as e:
+        if not isinstance(model.run, BoundRun):
+            raise
+        # the device could not take the input this way (any failure of the binding means the same): run plainly
+        model.note = (f"I/O binding on {model.run.device}:{model.run.device_id} failed "
+                      f"({type(e).__name__}: {e}); the model runs without it")
+        model.run = plain_run(model.session, spec.name, model.output_names)
+        model.run(tensor)
+    if model.run_alone is not None:
+        model.run_alone(tensor)
 
 
 def _rss_mb() -> float:
@@ -256,12 +272,12 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
         for chunk in (prepared[i:i + size] for i in range(0, len(prepared), size)):
             mark(chunk[0][0].job_id, chunk[0][0].models.index(key))
             # no job in the worker but these, lately: every core for them (a job arriving meanwhile waits for a core)
-            alone = model.alone is not None and inflight.alone(len(jobs))
-            session = model.alone if alone else model.session
+            alone = model.run_alone is not None and inflight.alone(len(jobs))
+            run = model.run_alone if alone and model.run_alone is not None else model.run
             t1 = time.perf_counter()
             try:
                 feed = chunk[0][1] if len(chunk) == 1 else np.concatenate([tensor for _, tensor, _ in chunk])
-                raw = session.run(model.output_names, {model.card.input.name: feed})
+                raw = run(feed)
                 for i, (job, _, transform) in enumerate(chunk):
                     outputs = {n: (r if len(chunk) == 1 else r[i:i + 1]) for n, r in zip(model.output_names, raw)}
                     dones[job.job_id].results[key] = decode_outputs(model.card, outputs, transform)
@@ -294,12 +310,13 @@ def _prepare(model: _Model, job: ImageJob | VectorJob, rgb: Any) -> tuple[Any, A
 
 
 def _next_jobs(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], config: WorkerConfig) -> list[ImageJob | VectorJob]:
-    """The next job, plus those that arrive within ``max_batch_delay_s``, up to ``max_batch``."""
+    """The next job, plus those waiting or arriving within ``max_batch_delay_s``, up to ``max_batch``."""
     jobs = [jobs_in.get()]
     deadline = time.perf_counter() + config.max_batch_delay_s
     while len(jobs) < config.max_batch:
+        left = deadline - time.perf_counter()
         try:
-            jobs.append(jobs_in.get(timeout=max(0.0, deadline - time.perf_counter())))
+            jobs.append(jobs_in.get(timeout=left) if left > 0 else jobs_in.get_nowait())
         except queue.Empty:
             break
     return jobs
@@ -330,6 +347,8 @@ def _execute(jobs_in: queue.SimpleQueue[ImageJob | VectorJob], models: dict[str,
 
 def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, _Model], config: WorkerConfig,
                    current: Current, replies: _Replies) -> None:
+    from appliance.runtime.binding import BoundRun
+
     niced = False
     while True:
         msg = control.get()
@@ -349,7 +368,8 @@ def _load_in_order(control: queue.SimpleQueue[Load | Unload], models: dict[str, 
         finally:
             current[-1] = 0
         models[msg.spec.key] = model
-        replies.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms, max(0.0, _rss_mb() - before)))
+        replies.send(Loaded(msg.spec.key, tuple(model.session.get_providers()), ms, max(0.0, _rss_mb() - before),
+                            io_binding=isinstance(model.run, BoundRun), note=model.note))
 
 
 def worker_main(conn: Connection, config: WorkerConfig, current: Current) -> None:
