@@ -1,5 +1,5 @@
-"""How the worker runs a session: through I/O binding where the session runs on a GPU, plainly on the CPU, and
-with the frames that wait for the same model stacked into one run.
+"""How the worker runs a session: through I/O binding where the session runs on a GPU, plainly on the CPU,
+with the frames that wait for the same model stacked into one run, and a lone frame on every core or one.
 
 This machine has no GPU: the bound run is checked in real ONNX Runtime sessions with the buffer on the CPU
 (the same calls a GPU takes, with another device name), the choice of device at the provider seam with the
@@ -20,7 +20,15 @@ import pytest
 from appliance.runtime.binding import BoundRun, runner, session_device
 from appliance.runtime.messages import ImageJob, ModelSpec, WorkerConfig
 from appliance.runtime.partitions import GPU_MAX_BATCH, plan_partitions
-from appliance.runtime.worker import _Model, _next_jobs, _warm_up, session_options
+from appliance.runtime.worker import (
+    LONE_COMPARE_EVERY,
+    LONE_TRIAL_RUNS,
+    _LoneChoice,
+    _Model,
+    _next_jobs,
+    _warm_up,
+    session_options,
+)
 from tests.test_partitions import TRT, inventory
 
 
@@ -155,3 +163,31 @@ def test_a_gpu_worker_batches_the_frames_already_waiting_and_waits_for_none() ->
     threading.Timer(0.05, lambda: with_delay.put(ImageJob(7, ("m@1",), b""))).start()
     waited = WorkerConfig(max_batch=2, max_batch_delay_s=30.0)  # runtime.max_batch_delay_ms: wait for company
     assert [j.job_id for j in _next_jobs(with_delay, waited)] == [0, 7]
+
+
+def choices(lone: _LoneChoice, runs: int, seconds: dict[bool, float]) -> list[bool]:
+    """``runs`` lone frames through ``lone``, each taking what ``seconds`` says for the way it ran."""
+    made = []
+    for _ in range(runs):
+        wide = lone.wide()
+        lone.record(wide, seconds[wide])
+        made.append(wide)
+    return made
+
+
+def test_a_lone_frame_runs_on_every_core_unless_one_core_has_lately_been_faster_for_that_model() -> None:
+    """As the worker measures a model's lone runs while serving: a camera alone with a model of about a millisecond
+    gets one core (every core was measured slower there, the daemon and broker holding the others); one with a
+    costly model keeps every core; both ways stay measured, so a change of conditions changes the choice."""
+    cheap = _LoneChoice()
+    first = choices(cheap, LONE_TRIAL_RUNS, {True: 0.0024, False: 0.0012})
+    assert first == [True] * LONE_TRIAL_RUNS, "a model's first lone frames get every core"
+    later = choices(cheap, 10 * LONE_COMPARE_EVERY, {True: 0.0024, False: 0.0012})
+    assert later.count(True) == 10 and later.count(False) == 10 * LONE_COMPARE_EVERY - 10, \
+        "one core from then on, and every core tried again once in LONE_COMPARE_EVERY"
+    back = choices(cheap, 6 * LONE_COMPARE_EVERY, {True: 0.0008, False: 0.0012})  # the daemon is idle again
+    assert back[-LONE_COMPARE_EVERY:].count(True) == LONE_COMPARE_EVERY - 1, "every core again once it is faster"
+
+    costly = _LoneChoice()
+    made = choices(costly, LONE_TRIAL_RUNS + 10 * LONE_COMPARE_EVERY, {True: 0.0066, False: 0.0122})
+    assert made.count(False) == 1 + 10, "one core tried once after the trial, then once in LONE_COMPARE_EVERY"

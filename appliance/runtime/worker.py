@@ -11,7 +11,8 @@ thread (one intra-op thread: no thread pool), so the cores work on different fra
 (ONNX Runtime, Pillow and NumPy release the GIL for the heavy parts). A frame that has the worker to
 itself (no other job received and not answered, and no two met in the worker for half a second) runs
 instead on a second session of the same model with a thread per core (``alone_threads``), so a lone
-camera gets the whole box. The other layouts (one pool shared by the executors, one executor with
+camera gets the whole box, unless its lone frames have lately run faster on one core (a model of about a
+millisecond, whose run would wait for cores the daemon and the broker hold: see ``_LoneChoice``). The other layouts (one pool shared by the executors, one executor with
 every core) are measured beside this one in docs/BENCHMARKS.md (section 11). The price is the second
 session's memory: its own copy of the optimised weights and its arena (sharing the initializers saves
 nothing, since ONNX Runtime rewrites the weights for its CPU kernels per session, and its Python API
@@ -64,6 +65,7 @@ class _Model:
         # how each session runs: through I/O binding on a GPU (see binding.py), plainly on the CPU
         self.run = runner(session, self.card.input.name, self.output_names)
         self.run_alone = None if alone is None else runner(alone, self.card.input.name, self.output_names)
+        self.lone = _LoneChoice()
         self.note = ""  # what the worker had to fall back on while loading, for the daemon's log
         # frames can be stacked along a dynamic first axis (not for decoders whose outputs have no batch axis)
         first = session.get_inputs()[0].shape[0] if session.get_inputs() and session.get_inputs()[0].shape else 1
@@ -127,6 +129,40 @@ class _InFlight:
         its next frame comes) would run on every core only to have the next frame wait for a core, so it runs
         as the others do."""
         return self._count <= jobs and time.monotonic() - self._together > ALONE_AFTER_S
+
+
+LONE_TRIAL_RUNS = 8  # a model's first lone frames run on every core, before one core is tried
+LONE_COMPARE_EVERY = 32  # then one lone frame in this many runs the other way, to keep both figures current
+LONE_SMOOTHING = 0.5  # weight of the newest run in each figure (an exponential moving average)
+
+
+class _LoneChoice:
+    """Whether a frame alone in the worker runs faster on every core or on one, for one model, from how long its
+    lone runs took lately each way.
+
+    Every core is faster for a model that has the box to itself, but not always while serving: for a model of
+    about a millisecond the daemon and the broker, busy with the frame's result and the next frame, hold the
+    other cores while the run would need them (bench-cheap at one stream, 2 cores: 2.3 ms a run on both, and
+    with this choice 1.7 ms, 0.56 -> 0.62 x limit(1)). So the choice is measured where it is made, on the
+    frames themselves."""
+
+    def __init__(self) -> None:
+        self._runs = 0
+        self._s: dict[bool, float] = {}  # seconds per run, by "on every core"
+
+    def wide(self) -> bool:
+        """True: run this lone frame on every core."""
+        self._runs += 1
+        if self._runs <= LONE_TRIAL_RUNS:
+            return True
+        if False not in self._s:
+            return False
+        faster = self._s.get(True, 0.0) <= self._s[False]
+        return faster != (self._runs % LONE_COMPARE_EVERY == 0)
+
+    def record(self, wide: bool, seconds: float) -> None:
+        old = self._s.get(wide)
+        self._s[wide] = seconds if old is None else old + LONE_SMOOTHING * (seconds - old)
 
 
 def session_options(threads: int, spinning: bool = True) -> Any:
@@ -273,7 +309,8 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
             mark(chunk[0][0].job_id, chunk[0][0].models.index(key))
             # no job in the worker but these, lately: every core for them (a job arriving meanwhile waits for a core)
             alone = model.run_alone is not None and inflight.alone(len(jobs))
-            run = model.run_alone if alone and model.run_alone is not None else model.run
+            wide = alone and model.lone.wide()
+            run = model.run_alone if wide and model.run_alone is not None else model.run
             t1 = time.perf_counter()
             try:
                 feed = chunk[0][1] if len(chunk) == 1 else np.concatenate([tensor for _, tensor, _ in chunk])
@@ -285,10 +322,12 @@ def _run_batch(jobs: list[ImageJob | VectorJob], models: dict[str, _Model], conf
                 for job, _, _ in chunk:
                     dones[job.job_id].errors[key] = f"{type(e).__name__}: {e}"
             elapsed = time.perf_counter() - t1
+            if alone:
+                model.lone.record(wide, elapsed)
             for job, _, _ in chunk:
                 dones[job.job_id].infer_s[key] = elapsed
                 dones[job.job_id].batch[key] = len(chunk)
-                if alone:
+                if wide:
                     alone_ids.add(job.job_id)
     mark(jobs[-1].job_id, -1)
     return [replace(dones[job.job_id], alone=True) if job.job_id in alone_ids else dones[job.job_id] for job in jobs]
