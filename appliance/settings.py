@@ -56,6 +56,10 @@ class BrokerSettings(_Section):
     allow_anonymous_loopback: bool = False  # development only: anonymous publishers on 127.0.0.1:anonymous_port
     anonymous_port: int = Field(default=1884, ge=1, le=65535)
     mosquitto: str = "mosquitto"
+    # who runs the managed Mosquitto: the daemon, as its child; or systemd (the OS image's
+    # appliance-broker.service, in a sandbox of its own), which logs to run_dir for the daemon to follow
+    supervisor: Literal["daemon", "systemd"] = "daemon"
+    run_dir: Path = Path("/run/appliance-broker")
 
     @model_validator(mode="after")
     def _check(self) -> BrokerSettings:

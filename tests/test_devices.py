@@ -1,6 +1,8 @@
 """Device access on a real site: the daemon runs Mosquitto (``broker.mode = "managed"``) from its device
 registry, with TLS, client certificates from its own device CA, a password file, a CRL and an ACL; cameras
-and sensors are real paho clients with the credentials ``appliance devices add`` handed over."""
+and sensors are real paho clients with the credentials ``appliance devices add`` handed over. The same site
+again with Mosquitto run by systemd, as in the OS image (``broker.supervisor = "systemd"``: the test's
+:class:`~tests.test_broker_unit.PathUnit` does what the image's units do)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from appliance.demo.scene import render_frame
 from appliance.devices.activity import BrokerActivity
 from pki.certs import issue, name
 from tests.conftest import Daemon, DaemonFactory, free_port, new_daemon, wait_until, write_app
+from tests.test_broker_unit import PathUnit
 from tests.test_console_browser import add_users, log_in, new_page
 from tests.test_console_pages import csrf_of
 from tests.test_e2e import PERSON_RULE, serving
@@ -84,18 +87,25 @@ class Site:
     cam2: Path
     gas: Path
     folder: Path
+    unit: PathUnit | None  # Mosquitto's unit, where systemd runs it
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Site]:
+@pytest.fixture(scope="module", params=["daemon", "systemd"])
+def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+         models: dict[str, Path]) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("devices")
+    systemd = request.param == "systemd"
+    (folder / "run").mkdir()
     d = new_daemon(folder, free_port(), broker_extra=f"""
         device_host = "127.0.0.1"
         device_port = {free_port()}
         password_port = {free_port()}
         device_names = ["127.0.0.1"]
+        supervisor = "{request.param}"
+        run_dir = "{folder / 'run'}"
         """)
     d.config.write_text(d.config.read_text().replace('mode = "external"', 'mode = "managed"'))
+    unit = PathUnit(d.state_dir / "broker" / "mosquitto.conf") if systemd else None
     d.cli("models", "add", str(models["demo-detector"]))
     d.cli("apps", "add", str(write_app(folder / "ppe.json", "ppe-watch", "demo-detector", ["cameras/+/frame"],
                                        [PERSON_RULE])))
@@ -104,8 +114,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> I
              add(d, folder, "gas1", "--kind", "sensor", "--password")]
     d.start()
     wait_until(lambda: serving(d, "ppe-watch"), 30, what="the app serving")
-    yield Site(d, *creds, folder)
+    yield Site(d, *creds, folder, unit)
     d.stop()
+    if unit is not None:
+        unit.stop()
 
 
 def events(d: Daemon, source: str) -> int:
@@ -203,6 +215,30 @@ def test_a_camera_with_its_certificate_is_served_and_confined_to_its_topic_and_s
     assert not list(d.state_dir.rglob("cam1.key")), "the device's key is not kept on the box"
 
 
+@pytest.mark.parametrize("site", ["systemd"], indirect=True)
+def test_under_systemd_the_broker_and_its_devices_stay_connected_while_the_daemon_restarts(
+        site: Site, tmp_path: Path) -> None:
+    """The image's layout: Mosquitto is not the daemon's child, so a daemon that restarts (an upgrade's switch,
+    a crash) finds it running, reloads it with its files, and the cameras never notice."""
+    d, unit = site.d, site.unit
+    assert unit is not None and unit.pids, "Mosquitto was started by its unit, not by the daemon"
+    creds = add(d, tmp_path, "cam9", "--kind", "camera")
+    camera = Device(creds)
+    wait_until(camera.connect, 20, what="cam9 let in once the daemon reloaded the broker")
+    before = list(unit.pids)
+    d.stop()
+    assert camera.connected, "the broker outlives the daemon"
+    logged = len(d.log())
+    d.start()
+    wait_until(lambda: serving(d, "ppe-watch"), 30, what="the app serving again")
+    assert unit.pids == before and camera.connected, "the same Mosquitto, the same session"
+    assert "Reloading config" in d.log()[logged:].split("managed Mosquitto up")[0], "the new daemon reloaded it"
+    assert camera.publish("cameras/cam9/frame", render_frame(0.0, 0)) == 0
+    wait_until(lambda: events(d, "cam9") > 0, 30, what="an event from cam9 after the restart")
+    camera.close()
+
+
+@pytest.mark.parametrize("site", ["daemon"], indirect=True)  # the console is the same whoever runs Mosquitto
 def test_an_admin_enrols_a_camera_on_the_console_and_its_download_connects_and_others_cannot(
         site: Site, tmp_path: Path, browser: Browser) -> None:
     d = site.d
